@@ -1,0 +1,212 @@
+"""Configuration: frozen pydantic models that refuse typos and nonsense.
+
+A mistake in the configuration of a shutdown path is found at the worst
+moment (during a deploy), so every field is validated when the config is
+built and an error names the field path, e.g. ``groups.mail.timeout``.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+__all__ = ["ErrorHandler", "GroupConfig", "GuardConfig", "parse_signal"]
+
+#: Called as ``handler(exc, handle)`` with the exception and the :class:`TaskHandle`
+#: of a background task that failed. Runs on the event loop thread; keep it quick.
+ErrorHandler = Callable[[BaseException, Any], object]
+
+# Signals that cannot be caught: accepting them would be a silent no-op.
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+
+
+def parse_signal(value: object) -> signal.Signals:
+    """Turn ``"SIGTERM"``, ``"TERM"``, ``"sigterm"``, ``15`` or a ``Signals`` into a ``Signals``."""
+    if isinstance(value, signal.Signals):
+        sig = value
+    elif isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a signal")
+    elif isinstance(value, int):
+        try:
+            sig = signal.Signals(value)
+        except ValueError:
+            raise ValueError(f"{value} is not a signal number on this platform") from None
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        if name.isdigit():
+            return parse_signal(int(name))
+        if not name.startswith("SIG"):
+            name = "SIG" + name
+        try:
+            sig = signal.Signals[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown signal {value!r} (expected e.g. 'SIGTERM' or 'TERM')"
+            ) from None
+    else:
+        raise ValueError(f"a signal is a name such as 'SIGTERM' or a number, not {value!r}")
+    if sig.name in _UNCATCHABLE:
+        raise ValueError(f"{sig.name} cannot be caught, so it cannot be an exit signal")
+    return sig
+
+
+Signal = Annotated[
+    signal.Signals,
+    BeforeValidator(parse_signal),
+    PlainSerializer(lambda s: s.name, return_type=str),
+]
+# NaN compares false to everything, so gt/ge alone would let it through:
+# allow_inf_nan=False refuses NaN and the infinities.
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class GroupConfig(BaseModel):
+    """How one named group of background tasks behaves.
+
+    ``on_shutdown="drain"`` awaits the group's tasks at shutdown (within
+    ``timeout``, else the exit wait); ``"cancel"`` cancels them as soon as
+    the drain starts. ``limit`` caps how many run at once (the rest wait as
+    pending, in order); beyond ``pending_limit`` pending ones, ``spawn`` raises
+    :class:`GroupFullError`. ``on_error="shutdown"`` makes a failure of one of
+    the group's tasks request shutdown.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    on_shutdown: Literal["drain", "cancel"] = "drain"
+    timeout: PositiveSeconds | None = None
+    limit: Annotated[int, Field(gt=0)] | None = None
+    pending_limit: Annotated[int, Field(ge=0)] | None = None
+    on_error: Literal["log", "shutdown"] = "log"
+
+    @model_validator(mode="after")
+    def _pending_needs_limit(self) -> GroupConfig:
+        if self.pending_limit is not None and self.limit is None:
+            raise ValueError(
+                "pending_limit only applies to a group with a limit "
+                "(without a limit nothing ever waits as pending); set limit too"
+            )
+        return self
+
+
+class GuardConfig(BaseModel):
+    """Settings of a :class:`TaskGuard`.
+
+    Build it from keyword arguments, from a dict (``GuardConfig.model_validate``)
+    or from ``TASKGUARD_*`` environment variables (:meth:`from_env`). All times
+    are in seconds.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    #: the whole drain, counted from the shutdown trigger (includes drain_delay
+    #: and the before_drain hooks)
+    exit_wait_timeout: PositiveSeconds = 30.0
+    #: after the exit wait: how long cancelled work may take to unwind before it
+    #: is abandoned and reported stuck
+    cancel_grace: Seconds = 5.0
+    #: default timeout of each shutdown hook and resource exit
+    hook_timeout: PositiveSeconds = 10.0
+    #: wait this long after the trigger, still taking work, so a load balancer
+    #: can stop routing here first
+    drain_delay: Seconds = 0.0
+    #: how long open streams may go on after the drain starts
+    stream_grace: Seconds = 0.0
+    #: install handlers for ``exit_signals`` while the guard runs
+    handle_signals: bool = False
+    exit_signals: tuple[Signal, ...] = (signal.SIGINT, signal.SIGTERM)
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    #: called as ``error_handler(exc, handle)`` when a background task fails
+    error_handler: ErrorHandler | None = Field(default=None, exclude=True)
+    #: the time the platform allows between its exit signal and its hard kill
+    #: (Kubernetes' terminationGracePeriodSeconds); checked against the worst case
+    grace_period: PositiveSeconds | None = None
+
+    @field_validator("exit_signals", mode="before")
+    @classmethod
+    def _one_signal_or_many(cls, value: object) -> object:
+        if isinstance(value, (str, int)):
+            return (value,)
+        if isinstance(value, str | bytes) or not isinstance(value, (list, tuple, set, frozenset)):
+            return value
+        return tuple(value)
+
+    @field_validator("error_handler", mode="before")
+    @classmethod
+    def _callable_handler(cls, value: object) -> object:
+        if value is not None and not callable(value):
+            raise ValueError(f"must be a callable taking (exc, handle), not {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> GuardConfig:
+        problems = []
+        if self.drain_delay >= self.exit_wait_timeout:
+            problems.append(
+                f"drain_delay ({self.drain_delay:g}s) must be shorter than exit_wait_timeout "
+                f"({self.exit_wait_timeout:g}s), which counts from the trigger and includes it"
+            )
+        if self.stream_grace >= self.exit_wait_timeout:
+            problems.append(
+                f"stream_grace ({self.stream_grace:g}s) must be shorter than "
+                f"exit_wait_timeout ({self.exit_wait_timeout:g}s)"
+            )
+        if self.handle_signals and not self.exit_signals:
+            problems.append("exit_signals is empty although handle_signals is true")
+        if len(set(self.exit_signals)) != len(self.exit_signals):
+            problems.append("exit_signals lists a signal twice")
+        for name, group in self.groups.items():
+            if not name:
+                problems.append("groups: a group name must not be empty")
+            if group.timeout is not None and group.timeout > self.exit_wait_timeout:
+                problems.append(
+                    f"groups.{name}.timeout ({group.timeout:g}s) is above exit_wait_timeout "
+                    f"({self.exit_wait_timeout:g}s); the exit wait bounds every group"
+                )
+        if self.grace_period is not None:
+            worst = self.worst_case(after_drain_timeouts=[self.hook_timeout])
+            if worst > self.grace_period:
+                problems.append(
+                    f"grace_period ({self.grace_period:g}s) is shorter than the worst-case "
+                    f"shutdown: exit_wait_timeout + cancel_grace + hook_timeout = {worst:g}s; "
+                    "the platform would kill the process before the guard is done"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def worst_case(self, after_drain_timeouts: list[float]) -> float:
+        """The longest a shutdown can take: exit wait + cancel grace + after-drain steps."""
+        return self.exit_wait_timeout + self.cancel_grace + sum(after_drain_timeouts)
+
+    def group(self, name: str) -> GroupConfig:
+        """The configuration of group ``name`` (defaults for a group not configured)."""
+        return self.groups.get(name) or _DEFAULT_GROUP
+
+    @classmethod
+    def from_env(cls, prefix: str = "TASKGUARD_", **overrides: Any) -> GuardConfig:
+        """Build a config from ``TASKGUARD_*`` environment variables.
+
+        ``TASKGUARD_EXIT_WAIT_TIMEOUT=20``, ``TASKGUARD_EXIT_SIGNALS='["TERM"]'``,
+        groups as JSON (``TASKGUARD_GROUPS='{"mail": {"limit": 5}}'``) or nested
+        (``TASKGUARD_GROUPS__MAIL__LIMIT=5``). Keyword ``overrides`` win over the
+        environment. Unknown ``TASKGUARD_*`` variables are an error, like unknown fields.
+        """
+        from ._settings import load_env
+
+        return load_env(prefix, overrides)
+
+
+_DEFAULT_GROUP = GroupConfig()

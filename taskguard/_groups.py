@@ -1,0 +1,130 @@
+"""Group: a named set of background tasks with a shutdown policy and a limit."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._config import GroupConfig
+from ._handle import CANCELLED, FAILED, TaskHandle
+from ._report import GroupReport, GroupStats
+
+if TYPE_CHECKING:
+    from ._guard import TaskGuard
+
+__all__ = ["Group"]
+
+
+class Group:
+    """Bookkeeping of one group: running and pending tasks, and lifetime counts."""
+
+    __slots__ = (
+        "_guard",
+        "_start",
+        "cancelled",
+        "completed",
+        "config",
+        "cut",
+        "drains",
+        "failed",
+        "limit",
+        "name",
+        "pending",
+        "pending_limit",
+        "refused",
+        "running",
+        "stuck",
+    )
+
+    def __init__(
+        self,
+        guard: TaskGuard,
+        name: str,
+        config: GroupConfig,
+        start: Callable[[TaskHandle[Any]], None],
+    ) -> None:
+        self._guard = guard
+        self._start = start
+        self.name = name
+        self.config = config
+        self.drains = config.on_shutdown == "drain"
+        self.limit = config.limit
+        self.pending_limit = config.pending_limit
+        # A dict keeps start order (the oldest first, for progress logs) and
+        # removes in O(1).
+        self.running: dict[TaskHandle[Any], None] = {}
+        self.pending: deque[TaskHandle[Any]] = deque()
+        self.completed = self.failed = self.cancelled = self.cut = 0
+        self.refused = self.stuck = 0
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self.pending)
+
+    def submit(self, handle: TaskHandle[Any]) -> None:
+        """Start ``handle`` now, or queue it when the group is at its limit."""
+        if self.limit is not None and len(self.running) >= self.limit:
+            self.pending.append(handle)
+        else:
+            self.running[handle] = None
+            self._start(handle)
+        self._guard._live += 1
+
+    def task_done(self, handle: TaskHandle[Any]) -> None:
+        """Account for a finished task; start the next pending one. Runs on the loop."""
+        self.running.pop(handle, None)
+        state = handle._state
+        if state is CANCELLED:
+            self.cancelled += 1
+            if handle._cut:
+                self.cut += 1
+        elif state is FAILED:
+            self.failed += 1
+            self._guard._task_failed(handle)
+        else:
+            self.completed += 1
+        if self.pending and (self.limit is None or len(self.running) < self.limit):
+            nxt = self.pending.popleft()
+            self.running[nxt] = None
+            self._start(nxt)
+        guard = self._guard
+        guard._live -= 1
+        if not guard._live and guard._wake is not None:
+            guard._wake.set()
+
+    def drop_pending(self, handle: TaskHandle[Any], cut: bool = False) -> None:
+        """Cancel a task that never started: it is closed, not run."""
+        try:
+            self.pending.remove(handle)
+        except ValueError:
+            return
+        handle._cut = cut
+        handle._coro.close()  # no "coroutine was never awaited" warning
+        handle._finish(CANCELLED, None, None)
+
+    def cancel_all(self, cut: bool) -> None:
+        """Cancel every running and pending task (``cut``: they were cut by a deadline)."""
+        while self.pending:
+            self.drop_pending(self.pending[-1], cut=cut)
+        for handle in list(self.running):
+            handle._cut = cut and self.drains
+            handle.cancel()
+
+    def report(self) -> GroupReport:
+        return GroupReport(
+            policy=self.config.on_shutdown,
+            completed=self.completed,
+            failed=self.failed,
+            cancelled=self.cancelled,
+            cut=self.cut,
+            refused=self.refused,
+            stuck=self.stuck,
+        )
+
+    def stats(self) -> GroupStats:
+        return GroupStats(
+            policy=self.config.on_shutdown,
+            running=len(self.running),
+            pending=len(self.pending),
+            limit=self.limit,
+        )

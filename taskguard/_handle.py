@@ -1,0 +1,197 @@
+"""TaskHandle: one spawned background task, and how it is started on each backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from ._exceptions import TaskCancelledError
+
+if TYPE_CHECKING:
+    from ._groups import Group
+
+__all__ = ["TaskHandle", "start_asyncio", "start_trio"]
+
+T = TypeVar("T")
+
+PENDING = "pending"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+
+
+class TaskHandle(Generic[T]):
+    """A background task spawned with ``guard.spawn()``.
+
+    ``state`` is one of ``"pending"`` (waiting for a slot in its group),
+    ``"running"``, ``"completed"``, ``"failed"`` or ``"cancelled"``.
+    """
+
+    # __slots__ and no per-handle Event until someone waits: spawn is on every
+    # request's path and a pending task should cost little more than a raw one.
+    __slots__ = (
+        "__weakref__",
+        "_coro",
+        "_cut",
+        "_event",
+        "_exc",
+        "_group",
+        "_name",
+        "_result",
+        "_scope",
+        "_started",
+        "_state",
+        "_task",
+    )
+
+    def __init__(self, group: Group, coro: Coroutine[Any, Any, T], name: str | None) -> None:
+        self._group = group
+        self._coro = coro
+        self._name = name
+        self._state = PENDING
+        self._task: Any = None
+        self._scope: Any = None  # trio only: the task's own cancel scope
+        self._result: Any = None
+        self._exc: BaseException | None = None
+        self._event: anyio.Event | None = None
+        self._started = 0.0
+        self._cut = False  # cancelled by a deadline or a forced shutdown
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.name!r} group={self.group!r} state={self._state}>"
+
+    @property
+    def name(self) -> str:
+        """The name given to ``spawn``, else the coroutine's qualified name."""
+        if self._name is None:
+            self._name = getattr(self._coro, "__qualname__", None) or repr(self._coro)
+        return self._name
+
+    @property
+    def group(self) -> str:
+        return self._group.name
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def done(self) -> bool:
+        """True once the task completed, failed or was cancelled."""
+        return self._state in (COMPLETED, FAILED, CANCELLED)
+
+    @property
+    def age(self) -> float:
+        """Seconds since the task started running (0 while pending)."""
+        return time.monotonic() - self._started if self._started else 0.0
+
+    def cancel(self) -> bool:
+        """Cancel the task (a pending one never starts). False if it had already ended."""
+        state = self._state
+        if state == PENDING:
+            self._group.drop_pending(self)
+            return True
+        if state != RUNNING:
+            return False
+        scope = self._scope
+        if scope is _CANCEL_ON_START:
+            return True
+        if scope is not None:
+            scope.cancel()
+        elif isinstance(self._task, asyncio.Task):
+            self._task.cancel()
+        else:
+            # trio, spawned but not yet run: its runner cancels at once when it starts
+            self._scope = _CANCEL_ON_START
+        return True
+
+    async def wait(self) -> T:
+        """Wait for the task to end: its result, its exception, or TaskCancelledError.
+
+        Being cancelled while waiting does not cancel the task.
+        """
+        if not self.done():
+            if self._event is None:
+                self._event = anyio.Event()
+            await self._event.wait()
+        if self._state == COMPLETED:
+            return self._result  # type: ignore[no-any-return]
+        if self._state == FAILED:
+            assert self._exc is not None
+            raise self._exc
+        raise TaskCancelledError(f"task {self.name!r} (group {self.group!r}) was cancelled")
+
+    # -- called by the runners -------------------------------------------------
+
+    def _finish(self, state: str, result: object, exc: BaseException | None) -> None:
+        self._state = state
+        self._result = result
+        self._exc = exc
+        self._task = None  # drop the task: its frame may hold large locals
+        self._scope = None
+        self._group.task_done(self)
+        if self._event is not None:
+            self._event.set()
+
+    def _asyncio_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._finish(CANCELLED, None, None)
+            return
+        exc = task.exception()  # also marks it retrieved: no "never retrieved" log
+        if exc is None:
+            self._finish(COMPLETED, task.result(), None)
+        else:
+            self._finish(FAILED, None, exc)
+
+
+_CANCEL_ON_START = object()
+
+
+def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> None:
+    # The fast path: a bare loop task and a done callback, no wrapper coroutine
+    # and no per-task cancel scope (task.cancel() is the scope on asyncio).
+    task = loop.create_task(handle._coro, name=handle._name)
+    handle._task = task
+    handle._state = RUNNING
+    handle._started = time.monotonic()
+    task.add_done_callback(handle._asyncio_done)
+
+
+def start_trio(handle: TaskHandle[Any]) -> None:
+    import trio
+
+    handle._state = RUNNING
+    handle._started = time.monotonic()
+    # A system task, not a nursery child: the guard must be able to abandon a
+    # task that ignores cancellation. Like asyncio's create_task, it runs in a
+    # copy of the spawner's context.
+    handle._task = trio.lowlevel.spawn_system_task(
+        _trio_runner, handle, name=handle.name, context=contextvars.copy_context()
+    )
+
+
+async def _trio_runner(handle: TaskHandle[Any]) -> None:
+    import trio
+
+    result: Any = None
+    finished = False
+    try:
+        with trio.CancelScope() as scope:
+            if handle._scope is _CANCEL_ON_START:
+                scope.cancel()
+            handle._scope = scope
+            result = await handle._coro
+            finished = True
+    except trio.Cancelled:
+        # Cancelled from outside its own scope: trio.run is ending.
+        handle._finish(CANCELLED, None, None)
+        raise
+    except BaseException as exc:  # a system task must never raise: record it instead
+        handle._finish(FAILED, None, exc)
+        return
+    handle._finish(COMPLETED if finished else CANCELLED, result, None)

@@ -1,0 +1,181 @@
+"""The shutdown report and the stats snapshot: pydantic models, JSON-ready."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+__all__ = [
+    "GroupReport",
+    "GroupStats",
+    "GuardStats",
+    "HookReport",
+    "SectionReport",
+    "ShutdownReport",
+    "State",
+    "StuckTask",
+]
+
+
+class State(str, enum.Enum):
+    """Lifecycle of a guard: ``idle → running → draining → stopping → closed``."""
+
+    IDLE = "idle"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    CLOSED = "closed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GroupReport(_Model):
+    """What happened to one group's tasks over the guard's life."""
+
+    policy: str
+    completed: int = 0
+    failed: int = 0
+    #: cancelled for any reason (a cancel group at shutdown, ``handle.cancel()``, a deadline)
+    cancelled: int = 0
+    #: of the cancelled: drain-group tasks cut by a deadline or a forced shutdown
+    cut: int = 0
+    #: spawns that raised at their call site (shutting down, group full)
+    refused: int = 0
+    #: still running when the guard gave up on them
+    stuck: int = 0
+
+
+class SectionReport(_Model):
+    """``guarded()`` sections over the guard's life."""
+
+    completed: int = 0
+    #: cut by a deadline or a forced shutdown (they raised ShuttingDownError)
+    cut: int = 0
+    #: still open when the guard closed (a worker thread cannot be cancelled)
+    stuck: int = 0
+
+
+class HookReport(_Model):
+    """One shutdown hook or resource exit."""
+
+    name: str
+    stage: str
+    #: "ok", "error" or "timeout"
+    outcome: str
+    duration: float
+    error: str | None = None
+
+
+class StuckTask(_Model):
+    """Work still running when the guard gave up on it."""
+
+    name: str
+    group: str
+    #: seconds since it started
+    age: float
+    stack: str
+
+
+class ShutdownReport(_Model):
+    """What happened during shutdown. ``clean`` is about the shutdown itself."""
+
+    trigger: str
+    started_at: datetime
+    #: seconds from the trigger to closed
+    duration: float
+    #: seconds spent in each phase, in order
+    phases: dict[str, float] = Field(default_factory=dict)
+    forced: bool = False
+    groups: dict[str, GroupReport] = Field(default_factory=dict)
+    guarded: SectionReport = SectionReport()
+    hooks: list[HookReport] = Field(default_factory=list)
+    #: streams by outcome ("completed", "interrupted", "disconnected", ...)
+    streams: dict[str, int] = Field(default_factory=dict)
+    stuck: list[StuckTask] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def failures(self) -> int:
+        """Background tasks that raised (counted beside ``clean``, not in it)."""
+        return sum(g.failed for g in self.groups.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def clean(self) -> bool:
+        """Nothing stuck, no hook failed or timed out, no drain work or guarded section cut."""
+        return (
+            not self.stuck
+            and all(h.outcome == "ok" for h in self.hooks)
+            and not any(g.cut for g in self.groups.values())
+            and not self.guarded.cut
+            and not self.guarded.stuck
+        )
+
+    def summary(self) -> str:
+        """A few lines for a human (this is what the guard logs when it closes)."""
+        head = "clean" if self.clean else "NOT CLEAN"
+        lines = [
+            f"taskguard shutdown {head}: trigger={self.trigger}, took {self.duration:.3f}s"
+            + (" (forced)" if self.forced else "")
+        ]
+        if self.phases:
+            lines.append(
+                "  phases: " + ", ".join(f"{k} {v * 1000:.0f}ms" for k, v in self.phases.items())
+            )
+        for name, g in self.groups.items():
+            parts = [f"{k}={v}" for k, v in g.model_dump().items() if k != "policy" and v]
+            lines.append(f"  group {name} ({g.policy}): " + (", ".join(parts) or "no tasks"))
+        s = self.guarded
+        if s.completed or s.cut or s.stuck:
+            lines.append(f"  guarded: completed={s.completed}, cut={s.cut}, stuck={s.stuck}")
+        if self.streams:
+            lines.append(
+                "  streams: " + ", ".join(f"{k}={v}" for k, v in sorted(self.streams.items()))
+            )
+        for h in self.hooks:
+            err = f" ({h.error})" if h.error else ""
+            lines.append(f"  hook {h.stage}:{h.name} {h.outcome} in {h.duration * 1000:.0f}ms{err}")
+        for t in self.stuck:
+            lines.append(f"  STUCK {t.name} (group {t.group}, running {t.age:.1f}s)")
+            lines.extend("    " + ln for ln in t.stack.rstrip().splitlines())
+        lines.extend(f"  warning: {w}" for w in self.warnings)
+        if self.failures:
+            lines.append(f"  background failures: {self.failures}")
+        return "\n".join(lines)
+
+
+class GroupStats(_Model):
+    """A live snapshot of one group."""
+
+    policy: str
+    running: int
+    pending: int
+    limit: int | None
+
+
+class GuardStats(_Model):
+    """A live snapshot of a guard, for metrics endpoints (``guard.stats()``)."""
+
+    state: State
+    ready: bool
+    groups: dict[str, GroupStats]
+    guarded: int
+    streams: int
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def running(self) -> int:
+        return sum(g.running for g in self.groups.values())
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def pending(self) -> int:
+        return sum(g.pending for g in self.groups.values())

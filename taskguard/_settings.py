@@ -1,0 +1,49 @@
+"""Loading a :class:`GuardConfig` from ``TASKGUARD_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._config import GuardConfig
+
+__all__ = ["load_env"]
+
+# error_handler is a callable: it cannot come from the environment.
+_ENV_FIELDS = frozenset(GuardConfig.model_fields) - {"error_handler"}
+
+
+class _EnvGuardConfig(BaseSettings, GuardConfig):
+    # BaseSettings first: its __init__ reads the environment, GuardConfig's
+    # fields and validators then apply to what it read.
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__",
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        title="GuardConfig (environment)",
+    )
+
+
+def load_env(prefix: str, overrides: dict[str, Any]) -> GuardConfig:
+    """Read ``{prefix}*`` variables; unknown ones are an error, as unknown fields are."""
+    unknown = [
+        key
+        for key in os.environ
+        if key.upper().startswith(prefix.upper())
+        and key[len(prefix) :].split("__", 1)[0].lower() not in _ENV_FIELDS
+    ]
+    if unknown:
+        raise ValidationError.from_exception_data(
+            "GuardConfig (environment)",
+            [
+                {"type": "extra_forbidden", "loc": (key,), "input": os.environ[key]}
+                for key in sorted(unknown)
+            ],
+        )
+    loaded = _EnvGuardConfig(_env_prefix=prefix, **overrides)  # type: ignore[call-arg]
+    values = {name: getattr(loaded, name) for name in loaded.model_fields_set}
+    return GuardConfig.model_validate(values)
