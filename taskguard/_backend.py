@@ -40,6 +40,11 @@ class Backend:
     def current_task(self) -> object:
         raise NotImplementedError
 
+    def time(self) -> float:
+        """The loop's clock (``anyio.current_time()``), also usable in loop callbacks,
+        where anyio cannot tell which event loop runs (there is no current task)."""
+        raise NotImplementedError
+
     def task_stack(self, task: object) -> str:
         raise NotImplementedError
 
@@ -61,6 +66,9 @@ class AsyncioBackend(Backend):
 
     def current_task(self) -> object:
         return asyncio.current_task()
+
+    def time(self) -> float:
+        return self.loop.time()
 
     def task_stack(self, task: object) -> str:
         if isinstance(task, asyncio.Task):
@@ -90,6 +98,9 @@ class TrioBackend(Backend):
 
     def current_task(self) -> object:
         return self._trio.lowlevel.current_task()
+
+    def time(self) -> float:
+        return float(self._trio.current_time())
 
     def task_stack(self, task: object) -> str:
         return coroutine_stack(getattr(task, "coro", None))

@@ -31,11 +31,17 @@ def _load(target: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from ._config import GuardConfig
     from ._runner import run
 
     main = _load(args.target)
-    config = GuardConfig.from_env(handle_signals=True)
+    try:
+        config = GuardConfig.from_env(handle_signals=True)
+    except ValidationError as exc:
+        print(f"taskguard run: bad TASKGUARD_* configuration: {exc}", file=sys.stderr)
+        return 2
     try:
         report = run(main, config=config, backend=args.backend)
     except Exception:
@@ -62,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run `async def main(guard)` with signal handling and graceful shutdown",
         description="Configure with TASKGUARD_* environment variables "
         "(e.g. TASKGUARD_EXIT_WAIT_TIMEOUT=20). Exit status: 0 when the shutdown "
-        "report is clean, 1 otherwise, 3 when the hard deadline ended the process, "
-        "128+N after a third exit signal N.",
+        "report is clean, 1 when it is not or main raised, 2 for a bad configuration, "
+        "3 when the hard deadline ended the process, 128+N after a third exit signal N.",
     )
     p_run.add_argument("target", help="package.module:function")
     p_run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")

@@ -68,8 +68,19 @@ Signal = Annotated[
 ]
 # NaN compares false to everything, so gt/ge alone would let it through:
 # allow_inf_nan=False refuses NaN and the infinities.
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _not_bool(value: object) -> object:
+    # bool is an int to Python, and pydantic's lax mode turns True into 1: a flag
+    # put in the wrong place would silently become a 1 s timeout or a limit of 1.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, not the boolean {value!r}")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBool]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), NotBool]
 
 
 class GroupConfig(BaseModel):
@@ -87,8 +98,8 @@ class GroupConfig(BaseModel):
 
     on_shutdown: Literal["drain", "cancel"] = "drain"
     timeout: PositiveSeconds | None = None
-    limit: Annotated[int, Field(gt=0)] | None = None
-    pending_limit: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[int, Field(gt=0), NotBool] | None = None
+    pending_limit: Annotated[int, Field(ge=0), NotBool] | None = None
     on_error: Literal["log", "shutdown"] = "log"
 
     @model_validator(mode="after")

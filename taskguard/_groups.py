@@ -23,6 +23,7 @@ class Group:
         "_guard",
         "_start",
         "cancelled",
+        "closed",
         "completed",
         "config",
         "cut",
@@ -57,6 +58,8 @@ class Group:
         self.pending: deque[TaskHandle[Any]] = deque()
         self.completed = self.failed = self.cancelled = self.cut = 0
         self.refused = self.stuck = 0
+        #: set when the group's drain timeout passed: it refuses new work
+        self.closed = False
 
     def __len__(self) -> int:
         return len(self.running) + len(self.pending)
@@ -80,7 +83,6 @@ class Group:
                 self.cut += 1
         elif state is FAILED:
             self.failed += 1
-            self._guard._task_failed(handle)
         else:
             self.completed += 1
         if self.pending and (self.limit is None or len(self.running) < self.limit):
@@ -91,6 +93,8 @@ class Group:
         guard._live -= 1
         if not guard._live and guard._wake is not None:
             guard._wake.set()
+        if state is FAILED:  # last: the bookkeeping above is done whatever the handler does
+            guard._task_failed(handle)
 
     def drop_pending(self, handle: TaskHandle[Any], cut: bool = False) -> None:
         """Cancel a task that never started: it is closed, not run."""

@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
 from types import CoroutineType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 
 from . import _current
-from ._backend import Backend, current_backend, thread_stack
+from ._backend import Backend, current_backend
 from ._config import GuardConfig
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
 from ._groups import Group
-from ._guarded import Guarded
+from ._guarded import Guarded, SectionRegistry
 from ._handle import TaskHandle, start_asyncio, start_trio
-from ._hooks import STAGES, Hook, ResourceKeeper, Stage
+from ._hooks import Hook, ResourceKeeper
+from ._registry import HookRegistry
 from ._report import GuardStats, ShutdownReport, State
 from ._shutdown import Shutdown
+from ._signals import SignalReceiver, on_signal
 
 if TYPE_CHECKING:
     from ._streams import GuardedStream
@@ -39,7 +39,7 @@ _RUNNING = State.RUNNING
 _DRAINING = State.DRAINING
 
 
-class TaskGuard:
+class TaskGuard(HookRegistry, SectionRegistry):
     """The registry of an application's background work.
 
     Open it with ``async with guard:`` (or let ``taskguard.run`` or the ASGI
@@ -71,7 +71,8 @@ class TaskGuard:
         self._wake: anyio.Event | None = None  # set when _live drops to 0 during shutdown
         self._hooks: list[Hook] = []
         self._keeper: ResourceKeeper | None = None
-        self._streams: dict[GuardedStream[Any], None] = {}
+        # open streams, held weakly (_streams._Tracked); the supervisor calls _interrupt()
+        self._streams: dict[Any, None] = {}
         self._stream_outcomes = Counter[str]()
         self._warnings: list[str] = []
         self._signals_seen = 0
@@ -81,7 +82,7 @@ class TaskGuard:
         self._shutdown: Shutdown | None = None
         self._report: ShutdownReport | None = None
         self._system_tasks: list[object] = []
-        self._signal_scope: anyio.CancelScope | None = None
+        self._signals: SignalReceiver | None = None
         self._context_token: Any = None
         self._start: Callable[[TaskHandle[Any]], None] = _not_started
 
@@ -110,9 +111,9 @@ class TaskGuard:
 
     def remaining(self) -> float:
         """Seconds left of the exit wait (the whole exit wait before shutdown starts)."""
-        if self._shutdown is None:
+        if self._shutdown is None or self._backend is None:
             return self.config.exit_wait_timeout
-        return max(0.0, self._shutdown.deadline - anyio.current_time())
+        return max(0.0, self._shutdown.deadline - self._backend.time())
 
     def stats(self) -> GuardStats:
         """A snapshot for metrics endpoints: running and pending per group, open sections."""
@@ -148,10 +149,21 @@ class TaskGuard:
             backend.start_system_task(self._shutdown.run, name="taskguard-supervisor")
         )
         if self.config.handle_signals:
-            self._signal_scope = anyio.CancelScope()
+            receiver = self._signals = SignalReceiver(self)
             self._system_tasks.append(
-                backend.start_system_task(self._receive_signals, name="taskguard-signals")
+                backend.start_system_task(receiver.run, name="taskguard-signals")
             )
+            # The handlers are in place before the body (or run()'s main) starts.
+            with anyio.CancelScope(shield=True):
+                await receiver.ready.wait()
+            if receiver.error is not None:
+                self.shutdown(reason="signal handlers could not be installed")
+                await self.wait_closed()
+                _current.leave(self, self._context_token)
+                raise RuntimeError(
+                    f"taskguard could not install its exit-signal handlers: {receiver.error} "
+                    "(signals can only be handled in the main thread; set handle_signals=False)"
+                ) from receiver.error
         return self
 
     async def __aexit__(
@@ -212,27 +224,14 @@ class TaskGuard:
         self._signals_seen += 1
         if self._signals_seen >= 3:
             from ._runner import hard_exit
+            from ._signals import signame
 
-            hard_exit(self, f"third exit signal ({_signame(signum)})", 128 + int(signum))
+            hard_exit(self, f"third exit signal ({signame(signum)})", 128 + int(signum))
         backend = self._backend
         if backend is None or self._state is State.CLOSED:
             return
         count = self._signals_seen
-        backend.call_soon_threadsafe(lambda: self._on_signal(signum, count))
-
-    def _on_signal(self, signum: int, count: int) -> None:
-        if count == 1:
-            logger.info("exit signal %s: shutting down", _signame(signum))
-            self.shutdown(f"signal {_signame(signum)}")
-        else:
-            logger.warning("second exit signal %s: forcing shutdown", _signame(signum))
-            self.shutdown(f"signal {_signame(signum)}", force=True)
-
-    async def _receive_signals(self) -> None:
-        assert self._signal_scope is not None
-        with self._signal_scope, anyio.open_signal_receiver(*self.config.exit_signals) as signals:
-            async for signum in signals:
-                self.handle_signal(signum)
+        backend.call_soon_threadsafe(lambda: on_signal(self, signum, count))
 
     # -- spawning ------------------------------------------------------------------
 
@@ -271,21 +270,21 @@ class TaskGuard:
         if grp is None:
             grp = self._new_group(group)
         if self._state is not _RUNNING:
-            self._check_intake(grp)
+            self._check_intake(grp, fn)
         if threading.get_ident() != self._thread_id:
+            _close_refused(fn)
             raise RuntimeError(
                 "spawn() was called from a worker thread; call it on the event loop, e.g. "
                 "anyio.from_thread.run_sync(guard.spawn, fn)"
             )
-        coro = fn if type(fn) is CoroutineType else _make_coroutine(fn, args)
+        coro = fn if type(fn) is CoroutineType and not args else _make_coroutine(fn, args)
         if (
             grp.pending_limit is not None
             and grp.limit is not None
             and len(grp.running) >= grp.limit
             and len(grp.pending) >= grp.pending_limit
         ):
-            if coro is not fn:
-                coro.close()
+            coro.close()  # spawn took it over: no "never awaited" warning
             grp.refused += 1
             raise GroupFullError(
                 f"group {group!r} is full: {grp.limit} running and {grp.pending_limit} pending "
@@ -308,38 +307,48 @@ class TaskGuard:
             )
         return grp
 
-    def _check_intake(self, grp: Group) -> None:
+    def _check_intake(self, grp: Group, fn: object) -> None:
         state = self._state
+        if state is _DRAINING and grp.drains and not grp.closed:
+            return
+        grp.refused += 1
+        _close_refused(fn)
         if state is State.IDLE:
             raise NotStartedError(
                 "spawn() before the guard started: enter it with `async with guard:` "
                 "(or use taskguard.run / the ASGI middleware)"
             )
-        if state is _DRAINING and grp.drains:
-            return
-        grp.refused += 1
-        why = "cancel group" if state is _DRAINING else "guard"
+        if state is not _DRAINING:
+            why = "every group"
+        elif grp.drains:
+            why = "its drain timeout was reached"
+        else:
+            why = "a cancel group"
         raise ShuttingDownError(
             f"spawn() refused: the guard is {state.value} and group {grp.name!r} takes no new "
             f"work ({why})"
         )
 
     def _task_failed(self, handle: TaskHandle[Any]) -> None:
+        """Log a background failure, hand it to the error_handler; never raises."""
         exc = handle._exc
-        logger.error(
-            "background task %r (group %r) failed", handle.name, handle.group, exc_info=exc
-        )
-        handler = self.config.error_handler
-        if handler is not None and exc is not None:
-            try:
-                result = handler(exc, handle)
-                if asyncio.iscoroutine(result):
-                    result.close()
-                    raise TypeError("error_handler must be a plain function, not async")
-            except Exception:
-                logger.exception("the error_handler raised while handling %r", handle.name)
-        if handle._group.config.on_error == "shutdown" and self._state is _RUNNING:
-            self.shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
+        try:
+            logger.error(
+                "background task %r (group %r) failed", handle.name, handle.group, exc_info=exc
+            )
+            handler = self.config.error_handler
+            if handler is not None and exc is not None:
+                try:
+                    result = handler(exc, handle)
+                    if asyncio.iscoroutine(result):
+                        result.close()
+                        raise TypeError("error_handler must be a plain function, not async")
+                except BaseException:  # the handler's bug must not break the bookkeeping
+                    logger.exception("the error_handler raised while handling %r", handle.name)
+            if handle._group.config.on_error == "shutdown" and self._state is _RUNNING:
+                self.shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
+        except BaseException:
+            logger.exception("taskguard: handling the failure of %r failed", handle.name)
 
     # -- guarded sections ------------------------------------------------------------
 
@@ -351,172 +360,60 @@ class TaskGuard:
         """
         return Guarded(self, name, shield)
 
-    def _refuse_section(self, name: str) -> None:
-        if self._state is State.IDLE:
-            raise NotStartedError(
-                f"guarded({name!r}) before the guard started: enter it with `async with guard:`"
-            )
-        raise ShuttingDownError(f"guarded({name!r}) refused: the guard is {self._state.value}")
-
-    def _open_section(self, section: Guarded) -> None:
-        state = self._state
-        if state is not _RUNNING and state is not _DRAINING:
-            self._refuse_section(section.name)
-        self._sections[section] = None
-        self._live += 1
-
-    def _close_section(self, section: Guarded) -> None:
-        if self._sections.pop(section, 0) is not None:
-            return  # already accounted (abandoned as stuck)
-        self._section_counts["cut" if section._cut else "completed"] += 1
-        self._live -= 1
-        if not self._live and self._wake is not None:
-            self._wake.set()
-
-    def _backend_current_task(self) -> object:
-        backend = self._backend
-        return backend.current_task() if backend is not None else None
-
-    def _open_thread_section(self, section: Guarded) -> None:
-        state = self._state
-        if state is not _RUNNING and state is not _DRAINING:
-            self._refuse_section(section.name)
-        with self._thread_lock:
-            self._thread_sections[section] = None
-
-    def _close_thread_section(self, section: Guarded) -> None:
-        with self._thread_lock:
-            known = self._thread_sections.pop(section, 0) is None
-            empty = not self._thread_sections
-        if not known:
-            return
-        self._section_counts["completed"] += 1
-        if empty and self._backend is not None and self._wake is not None:
-            if threading.get_ident() == self._thread_id:
-                self._poke()
-            else:
-                self._backend.call_soon_threadsafe(self._poke)
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _idle(self) -> bool:
-        return not self._live and not self._thread_sections
-
-    def thread_stack(self, section: Guarded) -> str:
-        return thread_stack(section._thread)
-
-    # -- hooks and resources -----------------------------------------------------
-
-    @overload
-    def on_shutdown(
-        self,
-        fn: F,
-        /,
-        *,
-        stage: Stage = ...,
-        timeout: float | None = ...,
-        name: str | None = ...,
-    ) -> F: ...
-
-    @overload
-    def on_shutdown(
-        self,
-        fn: None = ...,
-        /,
-        *,
-        stage: Stage = ...,
-        timeout: float | None = ...,
-        name: str | None = ...,
-    ) -> Callable[[F], F]: ...
-
-    def on_shutdown(
-        self,
-        fn: Callable[..., Any] | None = None,
-        /,
-        *,
-        stage: Stage = "after_drain",
-        timeout: float | None = None,
-        name: str | None = None,
-    ) -> Any:
-        """Register a shutdown hook (sync or async, no arguments); also a decorator.
-
-        ``stage="before_drain"`` hooks stop intake (close listeners, deregister)
-        and must not wait for in-flight work; ``"after_drain"`` hooks (the
-        default) close what the background work used. Within a stage, the last
-        registered runs first. Async hooks are cancelled at ``timeout``
-        (default ``hook_timeout``).
-        """
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
-        if timeout is not None and not (
-            isinstance(timeout, (int, float)) and 0 < timeout < math.inf
-        ):
-            raise ValueError(
-                f"timeout must be a positive finite number of seconds, not {timeout!r}"
-            )
-
-        def register(func: F) -> F:
-            if not callable(func):
-                raise TypeError(f"on_shutdown() takes a function, not {func!r}")
-            hook_name = name or getattr(func, "__qualname__", None) or repr(func)
-            self._add_hook(Hook(func, stage, timeout or self.config.hook_timeout, hook_name))
-            return func
-
-        return register if fn is None else register(fn)
-
-    def _add_hook(self, hook: Hook) -> None:
-        if self._shutdown is not None and self._shutdown.stage_done(hook.stage):
-            raise ShuttingDownError(
-                f"the {hook.stage} hooks already ran; {hook.name!r} would never run"
-            )
-        self._hooks.append(hook)
-        if hook.stage == "after_drain":
-            self._check_grace_period()
-
-    def _check_grace_period(self) -> None:
-        cfg = self.config
-        if cfg.grace_period is None:
-            return
-        worst = cfg.worst_case([h.timeout for h in self._hooks if h.stage == "after_drain"])
-        if worst > cfg.grace_period:
-            msg = (
-                f"grace_period {cfg.grace_period:g}s is shorter than the worst-case shutdown "
-                f"{worst:g}s (exit_wait_timeout + cancel_grace + after_drain hook timeouts)"
-            )
-            if msg not in self._warnings:
-                self._warnings.append(msg)
-                logger.warning(msg)
-
-    async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
-        """Enter ``cm`` now and exit it after the drain (last entered first).
-
-        One dedicated task of the guard enters and exits every such context, so
-        anyio task groups and cancel scopes work as resources.
-        """
-        if not hasattr(cm, "__aenter__") or not hasattr(cm, "__aexit__"):
-            raise TypeError(f"enter_async_context() takes an async context manager, not {cm!r}")
-        if self._state is not _RUNNING and self._state is not _DRAINING:
-            self._refuse_section("enter_async_context")
-        if self._keeper is None:
-            keeper = self._keeper = ResourceKeeper()
-            assert self._backend is not None
-            self._system_tasks.append(
-                self._backend.start_system_task(keeper.run, name="taskguard-resources")
-            )
-        value = await self._keeper.enter(cm)
-        name = f"exit {type(cm).__qualname__}"
-        self._add_hook(self._keeper.exit_hook(name, self.config.hook_timeout))
-        return value  # type: ignore[no-any-return]
-
     # -- streams ---------------------------------------------------------------------
 
-    def stream(self, source: Any, **options: Any) -> GuardedStream[Any]:
-        """Wrap an async iterable that feeds a streaming response (see GuardedStream)."""
+    @overload
+    def stream(
+        self,
+        source: AsyncIterable[T],
+        /,
+        *,
+        name: str | None = ...,
+        send_timeout: float | None = ...,
+        max_duration: float | None = ...,
+        raise_on_end: bool = ...,
+    ) -> GuardedStream[T]: ...
+
+    @overload
+    def stream(
+        self,
+        source: None = ...,
+        /,
+        *,
+        name: str | None = ...,
+        send_timeout: float | None = ...,
+        max_duration: float | None = ...,
+        raise_on_end: bool = ...,
+    ) -> GuardedStream[Any]: ...
+
+    def stream(
+        self,
+        source: AsyncIterable[Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        send_timeout: float | None = None,
+        max_duration: float | None = None,
+        raise_on_end: bool = False,
+    ) -> GuardedStream[Any]:
+        """Wrap an async iterable that feeds a streaming response (see docs/streams.md).
+
+        It ends on shutdown (after ``stream_grace``), on ``max_duration``, when a
+        send takes longer than ``send_timeout`` (stalled) or fails with a broken
+        connection (disconnected); the source is closed however it ends.
+        ``source=None`` gives a stream for integrations that send themselves
+        (``await stream.send(send_fn, message)``).
+        """
         from ._streams import GuardedStream
 
-        return GuardedStream(self, source, **options)
+        return GuardedStream(
+            self,
+            source,
+            name=name,
+            send_timeout=send_timeout,
+            max_duration=max_duration,
+            raise_on_end=raise_on_end,
+        )
 
 
 def _make_coroutine(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
@@ -536,14 +433,12 @@ def _make_coroutine(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
     return coro
 
 
+def _close_refused(fn: object) -> None:
+    # spawn() takes over a coroutine object: a refused one is closed, so Python
+    # does not warn that it was never awaited.
+    if type(fn) is CoroutineType:
+        fn.close()
+
+
 def _not_started(handle: TaskHandle[Any]) -> None:
     raise NotStartedError("the guard has not started")
-
-
-def _signame(signum: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return str(signum)

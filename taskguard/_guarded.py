@@ -12,14 +12,20 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
-from ._exceptions import ShuttingDownError
+from ._backend import Backend, thread_stack
+from ._exceptions import NotStartedError, ShuttingDownError
+from ._report import State
 
 if TYPE_CHECKING:
+    from collections import Counter
+
     from ._guard import TaskGuard
 
-__all__ = ["Guarded"]
+__all__ = ["Guarded", "SectionRegistry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_THREAD_LOCK = threading.Lock()
 
 
 class Guarded:
@@ -33,12 +39,25 @@ class Guarded:
 
     # A class-based context manager with slots: guarded() is on every request's
     # path, and @asynccontextmanager would add a generator and its frame per use.
-    __slots__ = ("_cut", "_guard", "_name", "_scope", "_shield", "_started", "_task", "_thread")
+    __slots__ = (
+        "_cut",
+        "_guard",
+        "_name",
+        "_open",
+        "_owner",
+        "_scope",
+        "_shared",
+        "_shield",
+        "_started",
+        "_task",
+        "_thread",
+    )
 
     def __init__(self, guard: TaskGuard | None, name: str | None, shield: bool) -> None:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"guarded() takes a section name (str) or None, not {name!r}")
         self._guard = guard
+        self._owner = guard  # the guard the open section belongs to (found at entry)
         self._name = name
         self._shield = shield
         self._scope: anyio.CancelScope | None = None
@@ -46,6 +65,11 @@ class Guarded:
         self._task: object = None
         self._thread = 0
         self._started = 0.0
+        self._open = False
+        # One object may be entered again while open: by another task or thread
+        # (a module-level `section = guard.guarded("db")`), or nested. Each such
+        # entry is a section of its own, kept here by task or thread.
+        self._shared: dict[object, list[Guarded]] | None = None
 
     @property
     def name(self) -> str:
@@ -61,8 +85,14 @@ class Guarded:
     # -- async form --------------------------------------------------------------
 
     async def __aenter__(self) -> Guarded:
-        guard = self._resolve()
+        if self._open:
+            child = Guarded(self._guard, self._name, self._shield)
+            await child.__aenter__()
+            self._push(child._task, child)
+            return self
+        guard = self._owner = self._guard or self._resolve()
         guard._open_section(self)
+        self._open = True
         self._cut = False
         self._started = time.monotonic()
         self._task = guard._backend_current_task()
@@ -76,26 +106,61 @@ class Guarded:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        guard = self._owner
+        assert guard is not None, "guarded section exited, never entered"
+        if self._shared:
+            child = self._pop(guard._backend_current_task())
+            if child is not None:
+                return await child.__aexit__(exc_type, exc, tb)
         scope = self._scope
-        assert scope is not None, "guarded section exited without being entered"
-        guard = self._guard or self._resolve()
+        assert scope is not None, "guarded section exited, never entered"
+        self._scope = None
+        self._open = False
+        cancelled = exc is not None and _is_cancellation(exc)
         try:
             swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
-            guard._close_section(self)
-        if self._cut and (swallowed or (exc is not None and _is_cancellation(exc))):
+            guard._close_section(self, cancelled)
+        if self._cut and (swallowed or cancelled):
             raise ShuttingDownError(
                 f"guarded section {self.name!r} was cut at the shutdown deadline"
             ) from (None if swallowed else exc)
         return bool(swallowed)
 
+    def _push(self, key: object, child: Guarded) -> None:
+        if self._shared is None:
+            self._shared = {}
+        self._shared.setdefault(key, []).append(child)
+
+    def _pop(self, key: object) -> Guarded | None:
+        assert self._shared is not None
+        stack = self._shared.get(key)
+        if not stack:
+            return None
+        child = stack.pop()
+        if not stack:
+            del self._shared[key]
+        return child
+
     # -- sync form (worker threads) ----------------------------------------------
 
     def __enter__(self) -> Guarded:
-        guard = self._resolve()
-        self._thread = threading.get_ident()
-        self._started = time.monotonic()
-        guard._open_thread_section(self)
+        with _THREAD_LOCK:  # threads may share one object: claim the fast path atomically
+            reuse, self._open = self._open, True
+        if reuse:
+            child = Guarded(self._guard, self._name, self._shield)
+            child.__enter__()
+            with _THREAD_LOCK:
+                self._push(child._thread, child)
+            return self
+        try:
+            guard = self._owner = self._guard or self._resolve()
+            self._thread = threading.get_ident()
+            self._started = time.monotonic()
+            guard._open_thread_section(self)
+        except BaseException:
+            self._open = False
+            raise
         return self
 
     def __exit__(
@@ -104,7 +169,16 @@ class Guarded:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        (self._guard or self._resolve())._close_thread_section(self)
+        guard = self._owner
+        assert guard is not None, "guarded section exited, never entered"
+        if self._shared:
+            with _THREAD_LOCK:
+                child = self._pop(threading.get_ident())
+            if child is not None:
+                child.__exit__(exc_type, exc, tb)
+                return
+        guard._close_thread_section(self)
+        self._open = False
 
     # -- decorator ---------------------------------------------------------------
 
@@ -136,3 +210,82 @@ def _is_cancellation(exc: BaseException) -> bool:
         return isinstance(exc, anyio.get_cancelled_exc_class())
     except Exception:  # no event loop (a sync section): nothing to compare with
         return False
+
+
+class SectionRegistry:
+    """Mixin of :class:`TaskGuard`: the bookkeeping of open guarded sections.
+
+    Async sections count in ``_live`` like tasks (the drain waits for both);
+    worker-thread sections are kept under a lock and wake the loop through the
+    backend when the last one closes.
+    """
+
+    if TYPE_CHECKING:
+        _state: State
+        _live: int
+        _sections: dict[Guarded, None]
+        _thread_sections: dict[Guarded, None]
+        _thread_lock: threading.Lock
+        _section_counts: Counter[str]
+        _wake: anyio.Event | None
+        _backend: Backend | None
+        _thread_id: int
+
+    def _refuse_section(self, name: str) -> None:
+        if self._state is State.IDLE:
+            raise NotStartedError(
+                f"guarded({name!r}) before the guard started: enter it with `async with guard:`"
+            )
+        raise ShuttingDownError(f"guarded({name!r}) refused: the guard is {self._state.value}")
+
+    def _open_section(self, section: Guarded) -> None:
+        state = self._state
+        if state is not State.RUNNING and state is not State.DRAINING:
+            self._refuse_section(section.name)
+        self._sections[section] = None
+        self._live += 1
+
+    def _close_section(self, section: Guarded, cancelled: bool = False) -> None:
+        if self._sections.pop(section, 0) is not None:
+            return  # already accounted (abandoned as stuck)
+        if section._cut:
+            self._section_counts["cut"] += 1
+        else:
+            self._section_counts["cancelled" if cancelled else "completed"] += 1
+        self._live -= 1
+        if not self._live and self._wake is not None:
+            self._wake.set()
+
+    def _backend_current_task(self) -> object:
+        backend = self._backend
+        return backend.current_task() if backend is not None else None
+
+    def _open_thread_section(self, section: Guarded) -> None:
+        with self._thread_lock:
+            state = self._state
+            if state is State.RUNNING or state is State.DRAINING:
+                self._thread_sections[section] = None
+                return
+        self._refuse_section(section.name)
+
+    def _close_thread_section(self, section: Guarded) -> None:
+        with self._thread_lock:
+            if self._thread_sections.pop(section, 0) is not None:
+                return  # abandoned as stuck: already accounted
+            self._section_counts["completed"] += 1
+            empty = not self._thread_sections
+        if empty and self._backend is not None and self._wake is not None:
+            if threading.get_ident() == self._thread_id:
+                self._poke()
+            else:
+                self._backend.call_soon_threadsafe(self._poke)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _idle(self) -> bool:
+        return not self._live and not self._thread_sections
+
+    def thread_stack(self, section: Guarded) -> str:
+        return thread_stack(section._thread)

@@ -68,9 +68,10 @@ class TaskHandle(Generic[T]):
 
     @property
     def name(self) -> str:
-        """The name given to ``spawn``, else the coroutine's qualified name."""
+        """The name given to ``spawn``, else the function's qualified name (sans ``<locals>``)."""
         if self._name is None:
-            self._name = getattr(self._coro, "__qualname__", None) or repr(self._coro)
+            qualname = getattr(self._coro, "__qualname__", None) or repr(self._coro)
+            self._name = qualname.rsplit("<locals>.", 1)[-1]
         return self._name
 
     @property
@@ -140,11 +141,18 @@ class TaskHandle(Generic[T]):
 
     def _asyncio_done(self, task: asyncio.Task[Any]) -> None:
         if task.cancelled():
+            # Cancelled before it ever ran, the wrapper never awaited the task's
+            # coroutine: close it (no "never awaited" warning). A no-op otherwise.
+            self._coro.close()
             self._finish(CANCELLED, None, None)
             return
         exc = task.exception()  # also marks it retrieved: no "never retrieved" log
         if exc is None:
-            self._finish(COMPLETED, task.result(), None)
+            result = task.result()
+            if result is _BASE_EXIT:
+                self._finish(FAILED, None, self._exc)
+                return
+            self._finish(COMPLETED, result, None)
         else:
             self._finish(FAILED, None, exc)
 
@@ -152,10 +160,25 @@ class TaskHandle(Generic[T]):
 _CANCEL_ON_START = object()
 
 
+_BASE_EXIT = object()
+
+
+async def _contain(handle: TaskHandle[Any], coro: Coroutine[Any, Any, Any]) -> Any:
+    # asyncio re-raises KeyboardInterrupt and SystemExit out of the event loop
+    # when a task raises them: one background task would end the app and lose
+    # the other tasks' accounting. Here (as on trio) it is that task's failure.
+    try:
+        return await coro
+    except (KeyboardInterrupt, SystemExit) as exc:
+        handle._exc = exc
+        return _BASE_EXIT
+
+
 def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> None:
-    # The fast path: a bare loop task and a done callback, no wrapper coroutine
-    # and no per-task cancel scope (task.cancel() is the scope on asyncio).
-    task = loop.create_task(handle._coro, name=handle._name)
+    # A loop task and a done callback, no per-task cancel scope (task.cancel()
+    # is the scope on asyncio); the thin _contain wrapper keeps a task's
+    # KeyboardInterrupt/SystemExit inside the task.
+    task = loop.create_task(_contain(handle, handle._coro), name=handle._name)
     handle._task = task
     handle._state = RUNNING
     handle._started = time.monotonic()

@@ -2,91 +2,130 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import math
-import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._report import HookReport
 
-__all__ = ["STAGES", "Hook", "ResourceKeeper", "run_hook"]
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+__all__ = ["STAGES", "Hook", "ResourceKeeper", "hook_name", "run_hook"]
 
 logger = logging.getLogger("taskguard")
 
 Stage = Literal["before_drain", "after_drain"]
 STAGES: tuple[Stage, ...] = ("before_drain", "after_drain")
 
+#: how long a cancelled async hook may take to unwind before it is abandoned
+HOOK_ABANDON_GRACE = 0.5
+
+#: async hooks that ignored their cancellation: strong references, so they are
+#: never garbage collected mid-flight
+_ABANDONED_HOOKS: list[object] = []
+
 
 class Hook:
     """A registered shutdown step: a hook function, or the exit of a resource."""
 
-    __slots__ = ("fn", "name", "stage", "timeout")
+    __slots__ = ("backstop", "fn", "name", "stage", "timeout")
 
-    def __init__(self, fn: Callable[[], Any], stage: Stage, timeout: float, name: str) -> None:
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        stage: Stage,
+        timeout: float,
+        name: str,
+        backstop: float = 0.0,
+    ) -> None:
         self.fn = fn
         self.stage = stage
         self.timeout = timeout
         self.name = name
+        #: extra time on top of ``timeout`` before the supervisor gives up (a
+        #: resource exit enforces its own timeout; this is the backstop)
+        self.backstop = backstop
+
+
+def hook_name(fn: object) -> str:
+    """The function's (qualified) name, without the ``<locals>`` noise of nested functions."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        return repr(fn)
+    return name.rsplit("<locals>.", 1)[-1]
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _cancelled_from_outside() -> bool:
-    """Whether a cancellation that reached a hook's runner is meant for the runner.
+class _HookRun:
+    """An async hook running in its own task, so that a hook that ignores its
+    cancellation can be abandoned: the supervisor never waits on it unbounded."""
 
-    On asyncio a hook may raise CancelledError on its own (it awaited a future
-    that was cancelled); only a pending ``cancel()`` of our own task means we
-    must stop. On trio, Cancelled only ever comes from a cancel scope.
-    """
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        return True  # trio
-    if task is None:
-        return True
-    if sys.version_info >= (3, 11):
-        return task.cancelling() > 0
-    return True
+    def __init__(self, awaitable: Awaitable[Any]) -> None:
+        self.awaitable = awaitable
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+    async def run(self) -> None:
+        try:
+            with self.scope:
+                await self.awaitable
+        except BaseException as exc:  # recorded: a hook's failure never ends the shutdown
+            self.error = exc
+        finally:
+            self.done.set()
 
 
-async def run_hook(hook: Hook, limit: float) -> HookReport:
-    """Run one hook within ``limit`` seconds; record, never raise (but for our own cancellation).
+async def run_hook(hook: Hook, limit: float, backend: Backend) -> HookReport:
+    """Run one hook within ``limit`` seconds; record the outcome, never raise.
 
-    Async hooks are cancelled at their limit. Sync hooks run inline on the loop
-    thread (they may call loop-bound APIs) and cannot be interrupted: an overrun
-    is reported as a timeout.
+    Sync hooks run inline on the loop thread (they may call loop-bound APIs)
+    and cannot be interrupted: an overrun is reported as a timeout. Async
+    hooks run in a task of their own, cancelled at ``limit``; one that ignores
+    the cancellation is abandoned after a short grace and reported.
     """
     start = anyio.current_time()
     limit = max(limit, 0.0)
     outcome, error = "ok", None
+    failure: BaseException | None = None
     try:
-        with anyio.move_on_after(limit) as scope:
-            result = hook.fn()
-            if inspect.isawaitable(result):
-                await result
-            elif anyio.current_time() - start > limit:
-                outcome = "timeout"
-                error = f"sync hook ran {anyio.current_time() - start:.3f}s, over its {limit:g}s"
-        if scope.cancelled_caught:
-            outcome, error = "timeout", f"cancelled at its {limit:g}s timeout"
-    except anyio.get_cancelled_exc_class() as exc:
-        if _cancelled_from_outside():
-            raise
-        outcome, error = "error", _describe(exc)
+        result = hook.fn()
     except BaseException as exc:  # even KeyboardInterrupt: the other hooks must still run
-        outcome, error = "error", _describe(exc)
-        logger.error("shutdown hook %s (%s) failed", hook.name, hook.stage, exc_info=exc)
+        outcome, error, failure = "error", _describe(exc), exc
+    else:
+        if hasattr(result, "__await__"):
+            job = _HookRun(result)
+            backend.start_system_task(job.run, name=f"taskguard-hook {hook.name}")
+            with anyio.move_on_after(limit):
+                await job.done.wait()
+            if not job.done.is_set():
+                job.scope.cancel()
+                with anyio.move_on_after(HOOK_ABANDON_GRACE):
+                    await job.done.wait()
+                outcome = "timeout"
+                if job.done.is_set():
+                    error = f"cancelled at its {limit:g}s timeout"
+                else:
+                    error = f"ignored its cancellation at its {limit:g}s timeout; abandoned"
+                    _ABANDONED_HOOKS.append(job)
+            elif job.error is not None:
+                outcome, error, failure = "error", _describe(job.error), job.error
+        elif anyio.current_time() - start > limit:
+            outcome = "timeout"
+            error = f"sync hook ran {anyio.current_time() - start:.3f}s, over its {limit:g}s"
     duration = anyio.current_time() - start
-    if outcome == "timeout":
+    if failure is not None:
+        logger.error("shutdown hook %s (%s) failed", hook.name, hook.stage, exc_info=failure)
+    elif outcome == "timeout":
         logger.warning("shutdown hook %s (%s): %s", hook.name, hook.stage, error)
     return HookReport(
         name=hook.name, stage=hook.stage, outcome=outcome, duration=duration, error=error
@@ -96,7 +135,7 @@ async def run_hook(hook: Hook, limit: float) -> HookReport:
 class _Command:
     __slots__ = ("cm", "done", "error", "op", "timeout", "value")
 
-    def __init__(self, op: str, cm: Any = None, timeout: float = math.inf) -> None:
+    def __init__(self, op: str, cm: Any, timeout: float = math.inf) -> None:
         self.op = op
         self.cm = cm
         self.timeout = timeout
@@ -110,14 +149,22 @@ class ResourceKeeper:
 
     A cancel scope or an anyio task group must be exited by the task that
     entered it; so every resource is entered and exited here, never in the
-    caller's task.
+    caller's task. Each resource is entered inside a cancel scope of its own,
+    whose deadline bounds the resource's exit (a task group's children are
+    cancelled at the timeout) without breaking the nesting of scopes.
+    A resource's exit runs in the keeper's task too, so it is not cancelled
+    when the hook that asked for it is abandoned; the keeper then stays busy and
+    later exits time out as well: every step stays bounded.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_entered: Callable[[Any], None]) -> None:
         send, receive = anyio.create_memory_object_stream[_Command](math.inf)
         self._send: MemoryObjectSendStream[_Command] = send
         self._receive: MemoryObjectReceiveStream[_Command] = receive
-        self._stack: list[AbstractAsyncContextManager[Any]] = []
+        self._stack: list[tuple[AbstractAsyncContextManager[Any], anyio.CancelScope]] = []
+        # Called in the keeper's task once a resource is entered: registers its
+        # exit hook even if the caller of enter() was cancelled meanwhile.
+        self._on_entered = on_entered
 
     async def enter(self, cm: AbstractAsyncContextManager[Any]) -> Any:
         cmd = _Command("enter", cm)
@@ -127,54 +174,94 @@ class ResourceKeeper:
             raise cmd.error
         return cmd.value
 
-    def exit_hook(self, name: str, timeout: float) -> Hook:
-        """A hook that exits the most recently entered resource still open."""
+    def exit_hook(self, cm: AbstractAsyncContextManager[Any], name: str, timeout: float) -> Hook:
+        """A hook that exits ``cm`` (and whatever was entered after it and is still open)."""
 
-        async def exit_one() -> None:
-            cmd = _Command("exit", timeout=timeout)
+        async def exit_resource() -> None:
+            cmd = _Command("exit", cm, timeout)
             self._send.send_nowait(cmd)
-            # The keeper enforces the timeout; if the resource swallows its
-            # cancellation, run_hook's own limit (slightly longer) gives up on it.
             await cmd.done.wait()
             if cmd.error is not None:
                 raise cmd.error
             if cmd.value == "timeout":
                 raise TimeoutError(f"resource exit cancelled at its {timeout:g}s timeout")
 
-        exit_one.__qualname__ = name
-        return Hook(exit_one, "after_drain", timeout, name)
+        return Hook(exit_resource, "after_drain", timeout, name, backstop=HOOK_ABANDON_GRACE)
 
     async def run(self) -> None:
         """The keeper's loop: runs as the guard's own task until the guard closes."""
         try:
-            async for cmd in self._receive:
-                if cmd.op == "enter":
+            while True:
+                # Shielded: cancelling a resource's own scope (tg.cancel_scope.cancel()
+                # on a task group resource) must not end the keeper. Closing the
+                # stream (the guard closed) does.
+                with anyio.CancelScope(shield=True):
                     try:
-                        cmd.value = await cmd.cm.__aenter__()
-                    except BaseException as exc:
-                        cmd.error = exc
-                        if isinstance(exc, anyio.get_cancelled_exc_class()):
-                            cmd.done.set()
-                            raise
+                        cmd = await self._receive.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        break
+                try:
+                    if cmd.op == "enter":
+                        await self._enter(cmd)
                     else:
-                        self._stack.append(cmd.cm)
-                elif self._stack:
-                    cm = self._stack.pop()
-                    with anyio.move_on_after(cmd.timeout) as scope:
-                        try:
-                            await cm.__aexit__(None, None, None)
-                        except BaseException as exc:
-                            if isinstance(exc, anyio.get_cancelled_exc_class()) and not (
-                                scope.cancel_called
-                            ):
-                                cmd.done.set()
-                                raise
-                            cmd.error = exc
-                    if scope.cancelled_caught:
-                        cmd.value = "timeout"
-                cmd.done.set()
+                        await self._exit_through(cmd)
+                finally:
+                    cmd.done.set()
         finally:
             self._send.close()
+            self._receive.close()
+            while self._stack:  # not exited by a hook (the guard closed early)
+                await self._exit_top(_Command("exit", None, 1.0))
+
+    async def _enter(self, cmd: _Command) -> None:
+        # Shielded, so that a cancelled earlier resource (its scope encloses this
+        # one in the keeper's task) does not cancel this one; its deadline is set
+        # at exit time.
+        scope = anyio.CancelScope(shield=True)
+        scope.__enter__()
+        try:
+            cmd.value = await cmd.cm.__aenter__()
+        except BaseException as exc:
+            scope.__exit__(None, None, None)
+            cmd.error = exc
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            return
+        self._stack.append((cmd.cm, scope))
+        try:
+            self._on_entered(cmd.cm)
+        except Exception as exc:  # e.g. too late: its exit would never run, so exit it now
+            cmd.error = exc
+            await self._exit_top(_Command("exit", cmd.cm, 1.0))
+
+    async def _exit_through(self, cmd: _Command) -> None:
+        if not any(cm is cmd.cm for cm, _ in self._stack):
+            return  # already exited
+        while self._stack:
+            top = self._stack[-1][0]
+            await self._exit_top(cmd if top is cmd.cm else _Command("exit", top, cmd.timeout))
+            if top is cmd.cm:
+                return
+
+    async def _exit_top(self, cmd: _Command) -> None:
+        cm, scope = self._stack.pop()
+        scope.deadline = anyio.current_time() + cmd.timeout
+        error: BaseException | None = None
+        try:
+            await cm.__aexit__(None, None, None)
+        except BaseException as exc:
+            error = exc
+        if error is None:
+            scope.__exit__(None, None, None)
+        elif scope.__exit__(type(error), error, error.__traceback__):
+            cmd.value = "timeout"  # our deadline's cancellation, absorbed by our scope
+        elif isinstance(error, anyio.get_cancelled_exc_class()) and not scope.cancel_called:
+            raise error  # the keeper itself is being cancelled (the event loop is ending)
+        else:
+            cmd.error = error
+        if scope.cancel_called and cmd.error is None:
+            cmd.value = "timeout"
 
     def close(self) -> None:
         self._send.close()
+        self._receive.close()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 __all__ = [
     "GroupReport",
@@ -35,6 +36,16 @@ class State(str, enum.Enum):
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_computed(cls, data: Any) -> Any:
+        # The JSON of a report carries its computed fields (clean, failures, ...);
+        # reading it back recomputes them (extra="forbid" would refuse them).
+        computed = cls.model_computed_fields
+        if computed and isinstance(data, dict) and any(k in data for k in computed):
+            data = {k: v for k, v in data.items() if k not in computed}
+        return data
+
 
 class GroupReport(_Model):
     """What happened to one group's tasks over the guard's life."""
@@ -55,7 +66,10 @@ class GroupReport(_Model):
 class SectionReport(_Model):
     """``guarded()`` sections over the guard's life."""
 
+    #: ended (normally, or by an exception of its own)
     completed: int = 0
+    #: ended by a cancellation from outside the section (not the guard's deadline)
+    cancelled: int = 0
     #: cut by a deadline or a forced shutdown (they raised ShuttingDownError)
     cut: int = 0
     #: still open when the guard closed (a worker thread cannot be cancelled)
@@ -134,8 +148,9 @@ class ShutdownReport(_Model):
             parts = [f"{k}={v}" for k, v in g.model_dump().items() if k != "policy" and v]
             lines.append(f"  group {name} ({g.policy}): " + (", ".join(parts) or "no tasks"))
         s = self.guarded
-        if s.completed or s.cut or s.stuck:
-            lines.append(f"  guarded: completed={s.completed}, cut={s.cut}, stuck={s.stuck}")
+        if s.completed or s.cancelled or s.cut or s.stuck:
+            parts = [f"{k}={v}" for k, v in s.model_dump().items() if v]
+            lines.append("  guarded: " + ", ".join(parts))
         if self.streams:
             lines.append(
                 "  streams: " + ", ".join(f"{k}={v}" for k, v in sorted(self.streams.items()))

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,7 +53,13 @@ def run(
         raise TypeError(f"run() takes an async function main(guard), not {main!r}")
     if backend not in ("asyncio", "trio"):
         raise ValueError(f"backend must be 'asyncio' or 'trio', not {backend!r}")
-    overrides.setdefault("handle_signals", True)
+    # Signals are handled unless the caller said otherwise (in config or overrides).
+    if isinstance(config, GuardConfig):
+        explicit = "handle_signals" in config.model_fields_set
+    else:
+        explicit = config is not None and "handle_signals" in config
+    if not explicit:
+        overrides.setdefault("handle_signals", True)
     guard = TaskGuard(config, **overrides)
     watchdog = _Watchdog()
     guard._trigger_callbacks.append(watchdog.start)
@@ -75,7 +82,13 @@ def run(
         else:
             _run_asyncio(entry, guard)
     finally:
-        watchdog.cancel()
+        report = guard._report
+        if report is not None and report.guarded.stuck:
+            # A worker thread is still inside a guarded section: the interpreter
+            # would wait for it at exit. The hard deadline stays armed.
+            logger.error("a worker thread is stuck in a guarded section; the hard deadline stays")
+        else:
+            watchdog.cancel()
     return guard.report
 
 
@@ -123,26 +136,49 @@ _LEFT_BEHIND: list[asyncio.Task[Any]] = []
 
 
 class _Watchdog:
-    """A timer thread started at the shutdown trigger: the process's hard deadline."""
+    """A timer thread started at the shutdown trigger: the process's hard deadline.
+
+    The deadline is exit wait + cancel grace + the after-drain hooks' timeouts
+    + slack, counted from the trigger; hooks registered after the trigger
+    extend it (it is recomputed when the timer fires).
+    """
 
     def __init__(self) -> None:
         self._timer: threading.Timer | None = None
-        self._guard: TaskGuard | None = None
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._started = 0.0
+
+    @staticmethod
+    def _budget(guard: TaskGuard) -> float:
+        after = [h.timeout for h in list(guard._hooks) if h.stage == "after_drain"]
+        return guard.config.worst_case(after) + HARD_DEADLINE_SLACK
 
     def start(self, guard: TaskGuard) -> None:
-        cfg = guard.config
-        after = [h.timeout for h in guard._hooks if h.stage == "after_drain"]
-        seconds = cfg.worst_case(after) + HARD_DEADLINE_SLACK
-        self._guard = guard
-        timer = self._timer = threading.Timer(
-            seconds, lambda: hard_exit(guard, f"hard deadline of {seconds:g}s", EXIT_HARD)
-        )
-        timer.daemon = True
-        timer.start()
+        self._started = time.monotonic()
+        self._arm(guard, self._budget(guard))
+
+    def _arm(self, guard: TaskGuard, seconds: float) -> None:
+        with self._lock:
+            if self._cancelled:
+                return
+            timer = self._timer = threading.Timer(seconds, self._fire, (guard,))
+            timer.daemon = True
+            timer.start()
+
+    def _fire(self, guard: TaskGuard) -> None:
+        budget = self._budget(guard)
+        left = self._started + budget - time.monotonic()
+        if left > 0.05:  # hooks were registered after the trigger: their time is due too
+            self._arm(guard, left)
+            return
+        hard_exit(guard, f"hard deadline of {budget:g}s", EXIT_HARD)
 
     def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        with self._lock:
+            self._cancelled = True
+            if self._timer is not None:
+                self._timer.cancel()
 
 
 def hard_exit(guard: TaskGuard, why: str, status: int) -> None:

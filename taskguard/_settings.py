@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from ._config import GuardConfig
 
@@ -44,6 +44,32 @@ def load_env(prefix: str, overrides: dict[str, Any]) -> GuardConfig:
                 for key in sorted(unknown)
             ],
         )
-    loaded = _EnvGuardConfig(_env_prefix=prefix, **overrides)  # type: ignore[call-arg]
+    try:
+        loaded = _EnvGuardConfig(_env_prefix=prefix, **overrides)  # type: ignore[call-arg]
+    except SettingsError as exc:
+        # Unparsable JSON in a complex field (groups, exit_signals): pydantic-settings
+        # raises its own error before validation; report it like any other bad value.
+        field = _field_of(exc)
+        raise ValidationError.from_exception_data(
+            "GuardConfig (environment)",
+            [
+                {
+                    "type": "value_error",
+                    "loc": (field,),
+                    "input": os.environ.get(f"{prefix}{field}".upper(), ""),
+                    "ctx": {"error": ValueError(f"{exc}; expected JSON, e.g. '[\"TERM\"]'")},
+                }
+            ],
+        ) from exc
     values = {name: getattr(loaded, name) for name in loaded.model_fields_set}
     return GuardConfig.model_validate(values)
+
+
+def _field_of(exc: SettingsError) -> str:
+    # 'error parsing value for field "groups" from source "EnvSettingsSource"'
+    text = str(exc)
+    start = text.find('field "')
+    if start < 0:
+        return "environment"
+    start += len('field "')
+    return text[start : text.find('"', start)]

@@ -55,8 +55,11 @@ class Shutdown:
         """Start shutdown (first call wins the reason); ``force`` ends the drain now."""
         guard = self.guard
         if not self.triggered.is_set():
+            assert guard._backend is not None
             self.reason = reason
-            self.started = anyio.current_time()
+            # not anyio.current_time(): this may run in a loop callback (a signal,
+            # a thread, a task's done callback), where anyio finds no event loop
+            self.started = guard._backend.time()
             self.started_at = datetime.now(timezone.utc)
             self.deadline = self.started + guard.config.exit_wait_timeout
             guard._state = State.DRAINING
@@ -77,16 +80,22 @@ class Shutdown:
 
     async def run(self) -> None:
         guard = self.guard
-        await self.triggered.wait()
-        logger.info("shutdown started: %s", self.reason)
-        guard._wake = anyio.Event()
-        self._phase_start = self.started
         try:
+            await self.triggered.wait()
+            logger.info("shutdown started: %s", self.reason)
+            guard._wake = anyio.Event()
+            self._phase_start = self.started
             await self._drain_phase()
             await self._stopping_phase()
             await self._after_drain_phase()
         finally:
-            self._close()
+            if not self.triggered.is_set():  # the event loop is ending under the guard
+                self.request("the event loop ended", force=True)
+            try:
+                self._close()
+            finally:
+                guard._state = State.CLOSED
+                self.closed.set()
 
     def _end_phase(self, name: str) -> None:
         now = anyio.current_time()
@@ -154,6 +163,7 @@ class Shutdown:
                             len(grp),
                         )
                         grp.cancel_all(cut=True)
+                    grp.closed = True  # its deadline passed: it takes no new work
             if now >= next_log:
                 self._log_progress(now)
                 next_log = now + PROGRESS_INTERVAL
@@ -184,7 +194,9 @@ class Shutdown:
             for h in grp.running
         ]
         items += [(s.name, "guarded", now - s._started) for s in guard._sections]
-        items += [(s.name, "guarded, thread", now - s._started) for s in guard._thread_sections]
+        with guard._thread_lock:
+            threads = list(guard._thread_sections)
+        items += [(s.name, "guarded, thread", now - s._started) for s in threads]
         items.sort(key=lambda item: -item[2])
         return items
 
@@ -280,9 +292,8 @@ class Shutdown:
             limit = hook.timeout
             if bounded:  # before_drain hooks count against the exit wait
                 limit = min(limit, self.deadline - anyio.current_time())
-            if hook.name.startswith("exit ") and hook.stage == "after_drain":
-                limit += 0.5  # the keeper enforces the timeout itself; this is the backstop
-            report = await run_hook(hook, limit)
+            assert guard._backend is not None
+            report = await run_hook(hook, limit + hook.backstop, guard._backend)
             self.hook_reports.append(report)
         self._stages_done.add(stage)
 
@@ -291,9 +302,13 @@ class Shutdown:
         guard._state = State.CLOSED
         if guard._keeper is not None:
             guard._keeper.close()
-        if guard._signal_scope is not None:
-            guard._signal_scope.cancel()
+        if guard._signals is not None:
+            guard._signals.scope.cancel()
         counts = guard._section_counts
+        streams = dict(guard._stream_outcomes)
+        if guard._streams:
+            # still open: a consumer that ignored the cancellation (or never came back)
+            streams["open"] = len(guard._streams)
         report = ShutdownReport(
             trigger=self.reason,
             started_at=self.started_at,
@@ -302,16 +317,18 @@ class Shutdown:
             forced=self.forced,
             groups={name: grp.report() for name, grp in guard._groups.items()},
             guarded=SectionReport(
-                completed=counts["completed"], cut=counts["cut"], stuck=counts["stuck"]
+                completed=counts["completed"],
+                cancelled=counts["cancelled"],
+                cut=counts["cut"],
+                stuck=counts["stuck"],
             ),
             hooks=self.hook_reports,
-            streams=dict(guard._stream_outcomes),
+            streams=streams,
             stuck=self.stuck,
             warnings=list(guard._warnings),
         )
         guard._report = report
         (logger.info if report.clean else logger.warning)("%s", report.summary())
-        self.closed.set()
 
 
 #: Tasks the guard gave up on. Strong references, so they are never garbage

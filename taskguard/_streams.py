@@ -1,7 +1,8 @@
 """GuardedStream: a stream that ends promptly on shutdown, disconnect, stall or expiry.
 
 However it ends, its source is closed (``aclose()``) so the source's
-``finally`` blocks run, exactly once, in the consumer's task.
+``finally`` blocks run exactly once, in the consumer's task (see
+docs/streams.md for the one exception: a bare ``async for`` left by ``break``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -16,13 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict
 
-from ._exceptions import (
-    ConsumerDisconnected,
-    ConsumerStalled,
-    ShuttingDownError,
-    StreamError,
-    StreamInterrupted,
-)
+from ._exceptions import ConsumerDisconnected, ConsumerStalled, StreamError, StreamInterrupted
 from ._report import State
 
 if TYPE_CHECKING:
@@ -53,21 +49,21 @@ class StreamOutcome(str, enum.Enum):
     DISCONNECTED = "disconnected"  # the consumer went away
     STALLED = "stalled"  # a send took longer than send_timeout
     EXPIRED = "expired"  # max_duration was reached
-    FAILED = "failed"  # the source raised
-    STOPPED = "stopped"  # stop() was called, or the consumer stopped iterating
+    FAILED = "failed"  # the source (or the block) raised
+    STOPPED = "stopped"  # stop(), or the consumer stopped early (break, its own cancellation)
 
     def __str__(self) -> str:
         return self.value
 
 
 class StreamResult(BaseModel):
-    """What ``pump()`` returns: the outcome and the resume point (``sent``)."""
+    """How a stream ended and its resume point: ``sent`` items were delivered."""
 
     model_config = ConfigDict(frozen=True)
 
     name: str
     outcome: StreamOutcome
-    #: items sent (pump) or handed to the consumer (iteration): resume from item ``sent``
+    #: items delivered; a client resumes from item ``sent`` (0-based)
     sent: int
     duration: float
     error: str | None = None
@@ -81,63 +77,117 @@ _ERRORS: dict[StreamOutcome, type[StreamError]] = {
 }
 
 
+class _Tracked:
+    """The guard's weak handle on an open stream.
+
+    Weak, so a stream dropped without being closed (a bare ``async for`` left by
+    ``break``) is not kept alive, nor counted as open, until shutdown.
+    """
+
+    __slots__ = ("held", "ref")
+
+    def __init__(self, stream: GuardedStream[Any], guard: TaskGuard) -> None:
+        self.held = False  # counted in guard._live: the drain waits for it to close
+        self.ref = weakref.ref(stream, lambda _: _release(guard, self, StreamOutcome.STOPPED))
+
+    def _interrupt(self) -> None:  # called by the shutdown supervisor
+        stream = self.ref()
+        if stream is not None:
+            stream._interrupt()
+
+
+def _release(guard: TaskGuard, tracked: _Tracked, outcome: StreamOutcome) -> None:
+    streams: dict[Any, None] = guard._streams
+    if streams.pop(tracked, 0) is not None:
+        return  # already released
+    guard._stream_outcomes[outcome.value] += 1
+    if tracked.held:
+        tracked.held = False
+        guard._live -= 1
+        if not guard._live and guard._wake is not None:
+            guard._wake.set()
+
+
 class GuardedStream(Generic[T]):
-    """An async iterator (and async context manager) over ``source``, tracked by a guard.
+    """A stream tracked by a guard: an async iterator over ``source`` and an async
+    context manager. Create it with ``guard.stream(source, ...)``.
 
     It ends on shutdown (after ``stream_grace``), on ``max_duration``, on
-    ``stop()`` and, with :meth:`pump`, when the consumer disconnects or stalls
-    for ``send_timeout``. Iteration ends quietly on completed, interrupted,
-    expired and stopped (``raise_on_end=True`` raises a :class:`StreamError`
-    subclass instead, except on completed); a source that raises re-raises.
+    :meth:`stop`, on :meth:`disconnected`, and when a :meth:`send` fails
+    (``disconnected``) or takes longer than ``send_timeout`` (``stalled``).
+    Inside ``async with stream:`` such an ending cancels the whole block, which
+    then exits quietly; a bare ``async for`` ends quietly at its next item.
+    With ``raise_on_end=True`` the endings other than completed and stopped
+    raise a :class:`StreamError` subclass instead.
+
+    Integrations that send themselves use ``source=None`` and, per message,
+    ``await stream.send(send_fn, message)`` inside ``async with stream:``; they
+    may call :meth:`disconnected` from another task of the same event loop.
     """
 
     def __init__(
         self,
         guard: TaskGuard,
-        source: AsyncIterable[T],
+        source: AsyncIterable[T] | None,
         *,
         name: str | None = None,
         send_timeout: float | None = None,
         max_duration: float | None = None,
         raise_on_end: bool = False,
     ) -> None:
-        if not hasattr(source, "__aiter__"):
+        if source is not None and not hasattr(source, "__aiter__"):
             raise TypeError(f"stream() takes an async iterable, not {type(source).__name__}")
         for label, value in (("send_timeout", send_timeout), ("max_duration", max_duration)):
-            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value < math.inf
+            ):
                 raise ValueError(
                     f"{label} must be a positive finite number of seconds, not {value!r}"
                 )
         if guard.state is State.IDLE:
             guard._refuse_section("stream")
         self.guard = guard
-        self.name = name or getattr(source, "__qualname__", None) or type(source).__name__
+        default = getattr(source, "__qualname__", None) or type(source).__name__
+        self.name = name or (default if source is not None else "stream")
         self.send_timeout = send_timeout
         self.max_duration = max_duration
         self.raise_on_end = raise_on_end
+        #: items delivered so far: confirmed by a successful send(), by asking for
+        #: the next item, or by leaving ``async with`` without an error
         self.sent = 0
+        #: set once the stream has ended
         self.outcome: StreamOutcome | None = None
-        self.error: BaseException | None = None
         self._source = source
         self._iterator: AsyncIterator[T] | None = None
-        self._scope: anyio.CancelScope | None = None  # around the current await
-        self._reason: StreamOutcome | None = None  # why we cancelled _scope
+        self._tracked: _Tracked | None = None
+        self._unconfirmed = False  # an item was handed out and not yet confirmed
+        self._body: anyio.CancelScope | None = None  # around the async-with block
+        self._scope: anyio.CancelScope | None = None  # around our current await
+        self._reason: StreamOutcome | None = None  # why it was ended from outside
         self._started = 0.0
         self._expires = math.inf
-        self._closed = False
         self._result: StreamResult | None = None
 
     def __repr__(self) -> str:
         return f"<GuardedStream {self.name!r} sent={self.sent} outcome={self.outcome}>"
 
-    # -- ending it from outside ------------------------------------------------------
+    @property
+    def result(self) -> StreamResult:
+        """The outcome and resume point, once the stream has ended."""
+        if self._result is None:
+            raise RuntimeError(f"stream {self.name!r} has not ended yet")
+        return self._result
+
+    # -- ending it from outside (sync: any task of the guard's event loop) ---------
 
     def stop(self) -> None:
-        """End the stream (outcome ``stopped``); the current item's await is cancelled."""
+        """End the stream (outcome ``stopped``)."""
         self._end_from_outside(StreamOutcome.STOPPED)
 
     def disconnected(self) -> None:
-        """Tell the stream its consumer went away (for integrations): ends as ``disconnected``."""
+        """Tell the stream its consumer went away: it ends as ``disconnected``."""
         self._end_from_outside(StreamOutcome.DISCONNECTED)
 
     def _interrupt(self) -> None:
@@ -147,53 +197,125 @@ class GuardedStream(Generic[T]):
         if self.outcome is not None or self._reason is not None:
             return
         self._reason = reason
-        if self._scope is not None:
-            self._scope.cancel()
+        active = False
+        for scope in (self._body, self._scope):
+            if scope is not None:
+                scope.cancel()
+                active = True
+        tracked = self._tracked
+        guard = self.guard
+        if active and tracked is not None and not tracked.held and guard._wake is not None:
+            # Its consumer is waiting in a scope we just cancelled, so it ends
+            # now: let the drain wait for that, so the report counts it.
+            tracked.held = True
+            guard._live += 1
 
-    # -- iteration -------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
+
+    def _begin(self) -> None:
+        guard = self.guard
+        self._started = anyio.current_time()
+        if self.max_duration is not None:
+            self._expires = self._started + self.max_duration
+        if self._source is not None:
+            self._iterator = self._source.__aiter__()
+        tracked = self._tracked = _Tracked(self, guard)
+        streams: dict[Any, None] = guard._streams
+        streams[tracked] = None
+        shutdown = guard._shutdown
+        if self._reason is None and (
+            guard.state in (State.STOPPING, State.CLOSED)
+            or (shutdown is not None and shutdown.stage_done("before_drain"))
+        ):
+            self._reason = StreamOutcome.INTERRUPTED  # the open streams were already ended
+
+    def _confirm(self) -> None:
+        if self._unconfirmed:
+            self._unconfirmed = False
+            self.sent += 1
+
+    def _why(self, default: StreamOutcome) -> StreamOutcome:
+        if self._reason is not None:
+            return self._reason
+        if anyio.current_time() >= self._expires:
+            return StreamOutcome.EXPIRED
+        return default
+
+    def _error(self, outcome: StreamOutcome) -> StreamError:
+        err = _ERRORS.get(outcome, StreamError)(
+            f"stream {self.name!r} ended: {outcome.value} after {self.sent} items"
+        )
+        err.sent = self.sent
+        setattr(err, "_stream", self)  # noqa: B010 - marks it as ours for __aexit__
+        return err
+
+    async def _close(self, outcome: StreamOutcome, exc: BaseException | None = None) -> None:
+        """Record the outcome, stop tracking, and close the source (once)."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self._scope = None
+        assert self._tracked is not None, "a stream is tracked before it can end"
+        _release(self.guard, self._tracked, outcome)
+        duration = anyio.current_time() - self._started
+        error = None if exc is None else f"{type(exc).__name__}: {exc}"
+        self._result = StreamResult(
+            name=self.name, outcome=outcome, sent=self.sent, duration=duration, error=error
+        )
+        aclose = getattr(self._iterator, "aclose", None)
+        if aclose is not None:
+            # Shielded: the source's finally must run (and may await) even when
+            # we got here because this task is being cancelled.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await aclose()
+                except Exception:
+                    logger.exception("closing the source of stream %r failed", self.name)
+
+    # -- iteration -----------------------------------------------------------------
 
     def __aiter__(self) -> GuardedStream[T]:
         return self
 
-    def _begin(self) -> AsyncIterator[T]:
-        guard = self.guard
-        if guard.state not in (State.RUNNING, State.DRAINING):
-            raise ShuttingDownError(
-                f"stream {self.name!r} refused: the guard is {guard.state.value}"
-            )
-        self._iterator = self._source.__aiter__()
-        self._started = anyio.current_time()
-        if self.max_duration is not None:
-            self._expires = self._started + self.max_duration
-        guard._streams[self] = None
-        shutdown = guard._shutdown
-        if shutdown is not None and shutdown.stage_done("before_drain"):
-            self._reason = StreamOutcome.INTERRUPTED  # streams were already ended
-        return self._iterator
-
     async def __anext__(self) -> T:
+        if self.outcome is not None:
+            raise StopAsyncIteration
+        if self._tracked is None:
+            if self._source is None:
+                raise TypeError(f"stream {self.name!r} has no source to iterate; use send()")
+            self._begin()
+        self._confirm()  # the consumer came back for more: the last item was delivered
+        if self._reason is not None:
+            await self._end(self._reason)
         iterator = self._iterator
-        if iterator is None:
-            if self.outcome is not None:
-                raise StopAsyncIteration
-            iterator = self._begin()
-        if self._reason is not None or self.outcome is not None:
-            await self._finish(self._reason or self.outcome)
+        assert iterator is not None
+        scope = self._open_scope(None)
         try:
-            with self._open_scope(None) as scope:
+            with scope:
                 item = await iterator.__anext__()
-                self.sent += 1
+                self._unconfirmed = True
                 return item
-            # only reached when the scope swallowed its own cancellation
-            await self._finish(self._why(scope))
         except StopAsyncIteration:
-            await self._finish(StreamOutcome.COMPLETED)
+            await self._end(StreamOutcome.COMPLETED)
         except anyio.get_cancelled_exc_class():
+            # Not ours (ours would have been caught by our scope), or the body's.
+            if self._body is None:
+                await self._close(self._why(StreamOutcome.STOPPED))
             raise
         except Exception as exc:
-            self.error = exc
-            await self._finish(StreamOutcome.FAILED, exc)
+            await self._close(StreamOutcome.FAILED, exc)
+            raise
+        finally:
+            self._scope = None
+        # only reached when our scope caught its own cancellation
+        await self._end(self._why(StreamOutcome.STOPPED))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _end(self, outcome: StreamOutcome) -> None:
+        await self._close(outcome)
+        if self.raise_on_end and outcome in _ERRORS:
+            raise self._error(outcome)
+        raise StopAsyncIteration
 
     def _open_scope(self, timeout: float | None) -> anyio.CancelScope:
         deadline = self._expires
@@ -204,88 +326,44 @@ class GuardedStream(Generic[T]):
             scope.cancel()
         return scope
 
-    def _why(self, scope: anyio.CancelScope) -> StreamOutcome:
-        if self._reason is not None:
-            return self._reason
-        if anyio.current_time() >= self._expires:
-            return StreamOutcome.EXPIRED
-        return StreamOutcome.STALLED
+    # -- sending -------------------------------------------------------------------
 
-    async def _finish(self, outcome: StreamOutcome | None, exc: BaseException | None = None) -> Any:
-        """End the stream with ``outcome``, close the source, then stop or raise."""
-        assert outcome is not None
-        await self._close(outcome, exc)
-        if exc is not None:
-            raise exc
-        if self.raise_on_end and outcome in _ERRORS:
-            err = _ERRORS[outcome](
-                f"stream {self.name!r} ended: {outcome.value} after {self.sent} items"
-            )
-            err.sent = self.sent
-            raise err
-        raise StopAsyncIteration
+    async def send(self, send: Callable[[Any], Awaitable[object]], item: Any) -> None:
+        """Deliver ``item`` with ``await send(item)``, under the stream's rules.
 
-    async def _close(self, outcome: StreamOutcome, exc: BaseException | None = None) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.outcome = outcome
-        self._scope = None
-        guard = self.guard
-        guard._streams.pop(self, None)
-        guard._stream_outcomes[outcome.value] += 1
-        duration = anyio.current_time() - self._started if self._started else 0.0
-        self._result = StreamResult(
-            name=self.name,
-            outcome=outcome,
-            sent=self.sent,
-            duration=duration,
-            error=None if exc is None else f"{type(exc).__name__}: {exc}",
-        )
-        if exc is not None:
-            logger.error("stream %r failed after %d items", self.name, self.sent, exc_info=exc)
-        iterator = self._iterator
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            # Shielded: the source's finally must run even when we got here
-            # because our own task is being cancelled.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await aclose()
-                except Exception:
-                    logger.exception("closing the source of stream %r failed", self.name)
-
-    # -- context manager ---------------------------------------------------------
-
-    async def __aenter__(self) -> GuardedStream[T]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._closed:
-            return
-        if exc is None:
-            outcome = self._reason or StreamOutcome.STOPPED
-        elif isinstance(exc, DISCONNECT_ERRORS):
-            outcome = StreamOutcome.DISCONNECTED
-        elif isinstance(exc, anyio.get_cancelled_exc_class()):
-            outcome = self._reason or StreamOutcome.STOPPED
-        else:
-            outcome = StreamOutcome.FAILED
-        await self._close(outcome, exc if outcome is StreamOutcome.FAILED else None)
-
-    # -- driving the sends -------------------------------------------------------
-
-    @property
-    def result(self) -> StreamResult:
-        """The result, once the stream has ended."""
-        if self._result is None:
-            raise RuntimeError(f"stream {self.name!r} has not ended yet")
-        return self._result
+        The send is cut after ``send_timeout`` and when the stream is ended from
+        outside. If the stream has ended, or ends now, the source is closed at
+        once (no further item is produced) and this raises the matching
+        :class:`StreamError` subclass: :class:`ConsumerStalled`,
+        :class:`ConsumerDisconnected` (also for ``BrokenPipeError``,
+        ``ConnectionResetError`` and anyio's broken/closed-resource errors),
+        :class:`StreamInterrupted`. Inside ``async with stream:`` these are
+        swallowed when the block exits. A send cut mid-way may have written part
+        of ``item``: close the connection afterwards.
+        """
+        if self._tracked is None:
+            self._begin()
+        outcome = self.outcome or self._reason
+        cause: BaseException | None = None
+        if outcome is None:
+            scope = self._open_scope(self.send_timeout)
+            try:
+                with scope:
+                    await send(item)
+            except DISCONNECT_ERRORS as exc:
+                outcome, cause = StreamOutcome.DISCONNECTED, exc
+            finally:
+                self._scope = None
+            if scope.cancelled_caught:
+                outcome = self._why(StreamOutcome.STALLED)
+            elif outcome is None:
+                if self._unconfirmed:
+                    self._confirm()
+                elif self._source is None:
+                    self.sent += 1
+                return
+        await self._close(outcome)
+        raise self._error(outcome) from cause
 
     async def pump(self, send: Callable[[T], Awaitable[object]]) -> StreamResult:
         """Send every item with ``await send(item)`` until the stream ends; return the result.
@@ -293,30 +371,76 @@ class GuardedStream(Generic[T]):
         A send slower than ``send_timeout`` ends the stream as ``stalled``; a
         send that fails with a broken connection ends it as ``disconnected``.
         Either way the source is closed at once: no further item is produced.
+        A source that raises ends it as ``failed``: the error is logged and in
+        ``result.error`` (re-raised with ``raise_on_end=True``).
         """
+        if self._body is not None:
+            raise RuntimeError("pump() manages the stream itself: call it outside `async with`")
         try:
             async with self:
                 async for item in self:
-                    try:
-                        with self._open_scope(self.send_timeout) as scope:
-                            await send(item)
-                    except DISCONNECT_ERRORS:
-                        self.sent -= 1
-                        await self._close(StreamOutcome.DISCONNECTED)
-                        break
-                    if scope.cancelled_caught:
-                        self.sent -= 1  # that item was not (fully) sent
-                        await self._close(self._why(scope))
-                        break
-        except Exception:
-            # The source raised: logged and in the result; raise_on_end re-raises it.
+                    await self.send(send, item)
+        except Exception as exc:
             if self.outcome is not StreamOutcome.FAILED or self.raise_on_end:
                 raise
-        result = self.result
-        if self.raise_on_end and result.outcome in _ERRORS:
-            err = _ERRORS[result.outcome](
-                f"stream {self.name!r} ended: {result.outcome.value} after {result.sent} items"
-            )
-            err.sent = result.sent
-            raise err
-        return result
+            logger.error("stream %r failed after %d items", self.name, self.sent, exc_info=exc)
+        return self.result
+
+    async def aclose(self) -> None:
+        """End the stream now (outcome ``stopped`` unless it was already ending) and
+        close the source. Idempotent.
+
+        This is the form to use inside an async generator, where ``async with
+        stream`` must not span a ``yield`` (it holds a cancel scope):
+        ``async with contextlib.aclosing(guard.stream(source)) as stream:``.
+        """
+        if self.outcome is None:
+            if self._tracked is None:
+                self._begin()
+            await self._close(self._why(StreamOutcome.STOPPED))
+
+    # -- context manager -------------------------------------------------------------
+
+    async def __aenter__(self) -> GuardedStream[T]:
+        if self._body is not None:
+            raise RuntimeError(f"stream {self.name!r} is already entered")
+        if self._tracked is None:
+            self._begin()
+        body = self._body = anyio.CancelScope(deadline=self._expires)
+        body.__enter__()
+        if self._reason is not None or self.outcome is not None:
+            body.cancel()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        body, self._body = self._body, None
+        assert body is not None, "stream exited without being entered"
+        # (anyio's trio scope returns True even when there was no exception)
+        swallowed = bool(body.__exit__(exc_type, exc, tb)) and exc is not None
+        ours = isinstance(exc, StreamError) and getattr(exc, "_stream", None) is self
+        quiet = swallowed or ours
+        if self.outcome is not None:
+            outcome = self.outcome
+        elif swallowed:
+            outcome = self._why(StreamOutcome.STOPPED)
+        elif exc is None:
+            self._confirm()  # left the block normally: the last item was dealt with
+            outcome, quiet = self._reason or StreamOutcome.STOPPED, True
+        elif isinstance(exc, DISCONNECT_ERRORS):
+            outcome, quiet = StreamOutcome.DISCONNECTED, True
+        elif isinstance(exc, anyio.get_cancelled_exc_class()) or not isinstance(exc, Exception):
+            # its own cancellation, GeneratorExit, KeyboardInterrupt: it stopped
+            outcome = self._reason or StreamOutcome.STOPPED
+        else:
+            outcome = StreamOutcome.FAILED
+        await self._close(outcome, exc if outcome is StreamOutcome.FAILED else None)
+        if ours:
+            return not self.raise_on_end
+        if quiet and self.raise_on_end and outcome in _ERRORS:
+            raise self._error(outcome) from exc
+        return quiet

@@ -1,0 +1,364 @@
+"""taskguard for ``grpc.aio`` servers: a server interceptor and ``serve()``.
+
+``GuardInterceptor(guard)`` makes every RPC in-flight work that shutdown waits
+for, and turns server-streaming and bidi RPCs into guarded streams: at shutdown
+they end at once with status ``UNAVAILABLE`` (so clients retry elsewhere) and
+the number of messages sent in the trailing metadata key ``taskguard-sent``
+(a resume point); they stop producing when the client cancels or its deadline
+passes, and (with ``send_timeout``) when the client stops reading.
+
+``await serve(server, guard)`` starts the server and, at shutdown, stops intake
+first (a ``before_drain`` hook that *starts* ``server.stop(grace)``), lets the
+drain end the streams and await the in-flight RPCs and their background work,
+and returns once the guard is closed.
+
+grpc.aio runs on asyncio only: use the asyncio backend (the default of
+``taskguard.run``). Install with ``pip install 'taskguard[grpc]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+import grpc
+import grpc.aio
+
+from ._exceptions import NotStartedError, ShuttingDownError
+from ._guard import TaskGuard
+from ._report import State
+from ._streams import StreamResult
+
+__all__ = ["OUTCOME_KEY", "RESUME_KEY", "GuardInterceptor", "serve"]
+
+logger = logging.getLogger("taskguard")
+
+#: trailing-metadata key: how many messages the server sent (resume from there)
+RESUME_KEY = "taskguard-sent"
+#: trailing-metadata key: how the stream ended (interrupted, stalled, expired)
+OUTCOME_KEY = "taskguard-outcome"
+
+# Errors of context.write() that mean the RPC is over on the client's side.
+_WRITE_GONE: tuple[type[BaseException], ...] = (grpc.aio.UsageError,)
+try:  # internal to grpc; raised when a send batch fails on a dead call
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    _WRITE_GONE += (ExecuteBatchError,)
+except ImportError:  # pragma: no cover
+    pass
+
+_UNARY_KINDS = ("unary_unary", "stream_unary")
+_STREAM_KINDS = ("unary_stream", "stream_stream")
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A ``grpc.aio`` server interceptor that puts every RPC under ``guard``.
+
+    - Each RPC runs as a guarded section named after its method: shutdown waits
+      for it (within the exit wait). An RPC arriving once the guard refuses
+      work is answered ``UNAVAILABLE``; so is one cut at the shutdown deadline.
+    - A server-streaming or bidi handler written as an async generator becomes
+      a :class:`~taskguard.GuardedStream`. On shutdown it ends with
+      ``UNAVAILABLE``, a details string saying so, and trailing metadata
+      ``taskguard-sent`` (messages sent: the resume point) and
+      ``taskguard-outcome``. A client cancel or deadline stops the generator
+      at once (its ``finally`` runs); ``send_timeout`` cuts a client that stops
+      reading; ``max_duration`` bounds every stream (ended ``UNAVAILABLE`` so
+      the client reconnects and resumes).
+    - Streaming handlers that send with ``await context.write()`` instead of
+      yielding cannot be ended from outside: they are guarded sections only,
+      awaited by the drain and cut at the deadline. Prefer ``yield``.
+    - Sync handlers (grpc.aio's ``migration_thread_pool``) are passed through;
+      sync unary ones run as guarded sections.
+    """
+
+    def __init__(
+        self,
+        guard: TaskGuard,
+        *,
+        send_timeout: float | None = None,
+        max_duration: float | None = None,
+    ) -> None:
+        if not isinstance(guard, TaskGuard):
+            raise TypeError(f"GuardInterceptor() takes a TaskGuard, not {guard!r}")
+        for label, value in (("send_timeout", send_timeout), ("max_duration", max_duration)):
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ValueError(
+                    f"{label} must be a positive finite number of seconds, not {value!r}"
+                )
+        self.guard = guard
+        self.send_timeout = send_timeout
+        self.max_duration = max_duration
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return self.wrap_handler(handler, handler_call_details.method)
+
+    def wrap_handler(self, handler: Any, method: str) -> Any:
+        """Return ``handler`` (an ``RpcMethodHandler``) with its behaviour guarded."""
+        for kind in _UNARY_KINDS + _STREAM_KINDS:
+            behavior = getattr(handler, kind, None)
+            if behavior is None:
+                continue
+            if kind in _UNARY_KINDS:
+                wrapped = self._wrap_unary(behavior, method)
+            else:
+                wrapped = self._wrap_stream(behavior, method)
+            return _replace(handler, kind, wrapped)
+        return handler
+
+    # -- unary responses -------------------------------------------------------
+
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        guard = self.guard
+        if not inspect.iscoroutinefunction(behavior):
+
+            def sync_unary(request: Any, context: Any) -> Any:
+                with guard.guarded(method):
+                    return behavior(request, context)
+
+            return sync_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            try:
+                async with guard.guarded(method):
+                    return await behavior(request, context)
+            except (ShuttingDownError, NotStartedError) as exc:
+                await _abort_unavailable(context, method, exc)
+
+        return unary
+
+    # -- streaming responses ---------------------------------------------------
+
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        guard = self.guard
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(request: Any, context: Any) -> None:
+                try:
+                    async with guard.guarded(method):
+                        await self._pump(behavior(request, context), context, method)
+                except (ShuttingDownError, NotStartedError) as exc:
+                    await _abort_unavailable(context, method, exc)
+
+            return streaming
+        if inspect.iscoroutinefunction(behavior):
+
+            async def writing(request: Any, context: Any) -> None:
+                # It sends with context.write(): we cannot end it, only await it.
+                try:
+                    async with guard.guarded(method):
+                        await behavior(request, context)
+                except (ShuttingDownError, NotStartedError) as exc:
+                    await _abort_unavailable(context, method, exc)
+
+            return writing
+        return behavior  # a sync generator, iterated by grpc in its thread pool
+
+    async def _pump(self, source: Any, context: Any, method: str) -> None:
+        guard = self.guard
+        aborted: list[BaseException] = []
+        failed: list[BaseException] = []
+
+        async def items() -> AsyncIterator[Any]:
+            # context.abort() inside the handler is ordinary gRPC control flow,
+            # not a failure of the stream: carry it past the stream, re-raise it.
+            async with aclosing(source):
+                try:
+                    async for item in source:
+                        yield item
+                except grpc.aio.AbortError as exc:
+                    aborted.append(exc)
+                except Exception as exc:
+                    failed.append(exc)  # the stream logs it; we re-raise it to grpc
+                    raise
+
+        max_duration, deadline_bound = self.max_duration, False
+        remaining = context.time_remaining()
+        if remaining is not None and (max_duration is None or remaining < max_duration):
+            max_duration, deadline_bound = max(remaining, 1e-3), True
+        stream = guard.stream(
+            items(), name=method, send_timeout=self.send_timeout, max_duration=max_duration
+        )
+
+        written = 0  # messages handed to grpc: the resume point
+
+        async def send(message: Any) -> None:
+            nonlocal written
+            try:
+                await context.write(message)
+            except asyncio.CancelledError:
+                # Cut mid-write (shutdown, stall, client gone). The write can only
+                # be cancelled at a suspension, after it handed its batch to grpc
+                # core: the message is queued ahead of any status we send next,
+                # and HTTP/2 delivers it before the trailers. So it counts.
+                written += 1
+                raise
+            except _WRITE_GONE as exc:
+                raise anyio.BrokenResourceError(f"the RPC is over: {exc}") from exc
+            written += 1
+
+        # The pump runs in its own task so that a client cancel (grpc cancels the
+        # handler's task) reaches us before it reaches the stream: we then end
+        # the stream as disconnected, and wait for its source to be closed.
+        task = asyncio.ensure_future(stream.pump(send))
+        try:
+            result: StreamResult = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_consume)
+            if not task.done():
+                if guard.state in (State.RUNNING, State.DRAINING):
+                    stream.disconnected()
+                else:
+                    stream.stop()
+                try:
+                    await asyncio.wait({task})
+                except asyncio.CancelledError:
+                    task.cancel()
+                    raise
+            raise
+        if aborted:
+            raise aborted[0]
+        outcome = result.outcome
+        if outcome == "failed":
+            raise failed[0] if failed else RuntimeError(result.error)
+        if outcome in ("completed", "stopped", "disconnected"):
+            return
+        code, details = self._describe(method, outcome, written, deadline_bound, max_duration)
+        metadata = _merge_trailing(context, ((RESUME_KEY, str(written)), (OUTCOME_KEY, outcome)))
+        await context.abort(code, details, trailing_metadata=metadata)
+
+    def _describe(
+        self,
+        method: str,
+        outcome: str,
+        sent: int,
+        deadline_bound: bool,
+        max_duration: float | None,
+    ) -> tuple[grpc.StatusCode, str]:
+        resume = f"resume from message {sent} (trailing metadata {RESUME_KEY}={sent})"
+        if outcome == "interrupted":
+            return grpc.StatusCode.UNAVAILABLE, (
+                f"server shutting down: {method} stream ended after {sent} messages; {resume}"
+            )
+        if outcome == "stalled":
+            return grpc.StatusCode.UNAVAILABLE, (
+                f"{method} stream cut: the client accepted no message for {self.send_timeout:g}s "
+                f"(after {sent} messages); {resume}"
+            )
+        if deadline_bound:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, (
+                f"deadline reached: {method} stream ended after {sent} messages; {resume}"
+            )
+        return grpc.StatusCode.UNAVAILABLE, (
+            f"{method} stream reached its maximum duration of {max_duration:g}s after {sent} "
+            f"messages; reconnect and {resume}"
+        )
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve a result nobody awaits (we are re-raising our own cancellation)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _abort_unavailable(context: Any, method: str, exc: BaseException) -> None:
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE, f"server shutting down: {method} not completed ({exc})"
+    )
+
+
+def _merge_trailing(context: Any, ours: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
+    try:
+        existing = tuple(context.trailing_metadata() or ())
+    except (NotImplementedError, AttributeError):
+        existing = ()
+    keys = {key for key, _ in ours}
+    return tuple(item for item in existing if item[0] not in keys) + ours
+
+
+def _replace(handler: Any, kind: str, behavior: Callable[..., Any]) -> Any:
+    if hasattr(handler, "_replace"):  # the namedtuple grpc's *_rpc_method_handler() build
+        return handler._replace(**{kind: behavior})
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def serve(server: grpc.aio.Server, guard: TaskGuard, grace: float | None = None) -> None:
+    """Start ``server`` and run it until ``guard`` shuts down; return once the guard is closed.
+
+    At shutdown a ``before_drain`` hook *starts* ``server.stop(grace)`` (no new
+    RPCs are accepted) without waiting on in-flight RPCs: waiting is the drain's
+    job, and waiting in the hook would hold the streams open. The drain then
+    ends the streams (``GuardInterceptor``) and awaits the in-flight RPCs and
+    the background work they spawned. ``grace=None`` means the guard's
+    remaining exit wait when intake stops; a grace longer than the guard's
+    ``exit_wait_timeout`` is an error (RPCs would outlive the guard's promise).
+
+    Inside ``taskguard.run``'s ``main`` (itself a guarded section that the
+    drain waits for) it returns once the server has stopped, and ``run``
+    closes the guard right after.
+    """
+    exit_wait = guard.config.exit_wait_timeout
+    if grace is not None:
+        if not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
+            raise ValueError(
+                f"grace must be a non-negative number of seconds or None, not {grace!r}"
+            )
+        if grace > exit_wait:
+            raise ValueError(
+                f"grace {grace:g}s is longer than the guard's exit_wait_timeout {exit_wait:g}s: "
+                "RPCs would outlive the shutdown; lower grace or raise exit_wait_timeout"
+            )
+    if guard.state is not State.RUNNING:
+        if guard.state is State.IDLE:
+            raise NotStartedError(
+                "serve() needs a running guard: enter it with `async with guard:`"
+            )
+        raise ShuttingDownError(f"serve() refused: the guard is {guard.state.value}")
+    stopping: list[asyncio.Future[None]] = []
+    intake_stopped = asyncio.Event()
+
+    def stop_intake() -> None:
+        remaining = guard.remaining()
+        stop_grace = remaining if grace is None else min(grace, remaining)
+        logger.info("grpc: stopping intake (server.stop with grace %.3gs)", stop_grace)
+        stopping.append(asyncio.ensure_future(server.stop(stop_grace)))
+        intake_stopped.set()
+
+    guard.on_shutdown(stop_intake, stage="before_drain", name="grpc: stop intake")
+    await server.start()
+    try:
+        await intake_stopped.wait()
+        # server.stop() returns once every RPC has ended (the drain ends the
+        # streams) and their final statuses are sent, or at its grace.
+        await stopping[0]
+    except BaseException:
+        if not stopping:  # cancelled before shutdown: serve owns the server, stop it
+            with anyio.CancelScope(shield=True):
+                await server.stop(0)
+        raise
+    if not _inside_section(guard):
+        await guard.wait_closed()
+
+
+def _inside_section(guard: TaskGuard) -> bool:
+    """Whether the calling task holds an open guarded section of ``guard``."""
+    task = guard._backend_current_task()
+    return any(section._task is task for section in guard._sections)

@@ -1,0 +1,247 @@
+"""Groups: cancel vs drain policies, limits, per-group timeouts, failures."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+from taskguard import GroupConfig, GroupFullError, TaskGuard, TaskHandle
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_cancel_groups_are_cancelled_at_once_and_drain_groups_awaited() -> None:
+    events: list[str] = []
+
+    async def metric() -> None:
+        try:
+            await anyio.sleep(60)
+        finally:
+            events.append("metric cancelled")
+
+    async def mail() -> None:
+        await anyio.sleep(0.4)
+        events.append("mail sent")
+
+    config = {
+        "exit_wait_timeout": 10,
+        "groups": {"metrics": GroupConfig(on_shutdown="cancel"), "mail": GroupConfig()},
+    }
+    started = time.monotonic()
+    async with TaskGuard(config) as guard:
+        m = guard.spawn(metric, group="metrics")
+        guard.spawn(mail, group="mail")
+        await anyio.sleep(0.05)
+    assert events == ["metric cancelled", "mail sent"]
+    assert m.state == "cancelled"
+    report = guard.report
+    assert report.groups["metrics"].cancelled == 1
+    assert report.groups["metrics"].cut == 0  # cancelling a cancel group is the plan
+    assert report.groups["mail"].completed == 1
+    assert report.clean
+    assert time.monotonic() - started < 3
+
+
+async def test_a_failing_task_leaves_siblings_running(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def on_error(exc: BaseException, handle: Any) -> None:
+        seen.append((type(exc).__name__, handle.name))
+
+    async def boom() -> None:
+        await anyio.sleep(0.05)
+        raise ValueError("bad row")
+
+    async def sibling() -> str:
+        await anyio.sleep(0.3)
+        return "still fine"
+
+    async with TaskGuard(error_handler=on_error) as guard:
+        sib = guard.spawn(sibling, group="audit")
+        bad = guard.spawn(boom, group="audit", name="audit-row")
+        with pytest.raises(ValueError, match="bad row"):
+            await bad.wait()
+        assert guard.state.value == "running"
+        assert await sib.wait() == "still fine"
+    assert seen == [("ValueError", "audit-row")]
+    report = guard.report
+    assert report.groups["audit"].failed == 1
+    assert report.groups["audit"].completed == 1
+    assert report.failures == 1
+    assert report.clean  # background failures are counted beside clean
+    logged = [r for r in caplog.records if r.name == "taskguard" and r.levelno == logging.ERROR]
+    assert any("audit-row" in r.getMessage() and "'audit'" in r.getMessage() for r in logged)
+    assert any(r.exc_info and r.exc_info[0] is ValueError for r in logged)
+
+
+async def test_an_error_handler_that_raises_is_survived(caplog: pytest.LogCaptureFixture) -> None:
+    def broken_handler(exc: BaseException, handle: Any) -> None:
+        raise RuntimeError("handler bug")
+
+    async def boom() -> None:
+        raise KeyError("x")
+
+    async def after() -> str:
+        await anyio.sleep(0.1)
+        return "ok"
+
+    async with TaskGuard(error_handler=broken_handler) as guard:
+        guard.spawn(boom)
+        await anyio.sleep(0.05)
+        assert await guard.spawn(after).wait() == "ok"
+    assert guard.report.groups["default"].failed == 1
+    assert guard.report.groups["default"].completed == 1
+    assert "the error_handler raised" in caplog.text
+
+
+async def test_on_error_shutdown_requests_shutdown() -> None:
+    async def boom() -> None:
+        raise OSError("disk gone")
+
+    config = {"groups": {"critical": GroupConfig(on_error="shutdown")}}
+    async with TaskGuard(config) as guard:
+        guard.spawn(boom, group="critical", name="writer")
+        with anyio.fail_after(5):
+            await guard.wait_for_shutdown()
+    assert "writer" in guard.report.trigger
+    assert "critical" in guard.report.trigger
+
+
+async def test_limit_queues_pending_work_in_order() -> None:
+    order: list[int] = []
+    running = 0
+    peak = 0
+
+    async def job(i: int) -> None:
+        nonlocal running, peak
+        order.append(i)  # start order
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.02)
+        running -= 1
+
+    config = {"groups": {"mail": GroupConfig(limit=2)}}
+    async with TaskGuard(config) as guard:
+        handles = [guard.spawn(job, i, group="mail") for i in range(6)]
+        assert [h.state for h in handles[:3]] == ["running", "running", "pending"]
+        assert guard.stats().groups["mail"].pending == 4
+    assert peak == 2
+    assert sorted(order) == list(range(6))
+    assert guard.report.groups["mail"].completed == 6
+    # with one slot, pending work starts strictly in spawn order
+    order.clear()
+    config = {"groups": {"mail": GroupConfig(limit=1)}}
+    async with TaskGuard(config) as guard:
+        for i in range(5):
+            guard.spawn(job, i, group="mail")
+    assert order == list(range(5))
+
+
+async def test_pending_limit_raises_group_full_and_counts() -> None:
+    gate = anyio.Event()
+
+    async def job() -> None:
+        await gate.wait()
+
+    config = {"groups": {"mail": GroupConfig(limit=1, pending_limit=1)}}
+    async with TaskGuard(config) as guard:
+        guard.spawn(job, group="mail")
+        guard.spawn(job, group="mail")
+        with pytest.raises(GroupFullError, match="mail"):
+            guard.spawn(job, group="mail")
+        with pytest.raises(GroupFullError):
+            guard.spawn(job(), group="mail")  # the coroutine is closed: no warning
+        gate.set()
+    assert guard.report.groups["mail"].refused == 2
+    assert guard.report.groups["mail"].completed == 2
+
+
+async def test_pending_work_is_cancelled_when_cut_and_never_starts() -> None:
+    started: list[int] = []
+
+    async def job(i: int) -> None:
+        started.append(i)
+        await anyio.sleep(60)
+
+    config = {"exit_wait_timeout": 0.3, "groups": {"mail": GroupConfig(limit=1)}}
+    async with TaskGuard(config) as guard:
+        first = guard.spawn(job, 1, group="mail")
+        second = guard.spawn(job, 2, group="mail")
+        await anyio.sleep(0.05)
+        assert second.cancel()  # a pending task: dropped, never started
+        third = guard.spawn(job, 3, group="mail")
+    assert started == [1]
+    assert first.state == second.state == third.state == "cancelled"
+    report = guard.report
+    assert report.groups["mail"].cancelled == 3
+    assert report.groups["mail"].cut == 2  # the running one and the pending one
+    assert not report.clean
+
+
+async def test_per_group_timeout_cuts_only_that_group() -> None:
+    async def slow() -> None:
+        await anyio.sleep(60)
+
+    async def fine() -> None:
+        await anyio.sleep(0.6)
+
+    config = {
+        "exit_wait_timeout": 10,
+        "groups": {"quick": GroupConfig(timeout=0.2), "patient": GroupConfig()},
+    }
+    started = time.monotonic()
+    async with TaskGuard(config) as guard:
+        q = guard.spawn(slow, group="quick")
+        p = guard.spawn(fine, group="patient")
+        guard.shutdown()
+        await anyio.sleep(0.4)
+        assert q.state == "cancelled"
+        assert p.state == "running"
+        with pytest.raises(Exception, match="drain timeout"):
+            guard.spawn(slow, group="quick")  # its deadline passed: it takes no new work
+        late = guard.spawn(fine, group="patient")
+    assert time.monotonic() - started < 3
+    assert p.state == late.state == "completed"
+    report = guard.report
+    assert report.groups["quick"].cut == 1
+    assert report.groups["patient"].completed == 2
+    assert not report.clean
+
+
+async def test_unknown_group_is_created_with_defaults() -> None:
+    async def job() -> int:
+        return 1
+
+    async with TaskGuard() as guard:
+        handle: TaskHandle[int] = guard.spawn(job, group="brand-new")
+        assert handle.group == "brand-new"
+        with pytest.raises(TypeError):
+            guard.spawn(job, group="")
+    assert guard.report.groups["brand-new"].policy == "drain"
+    assert guard.report.groups["brand-new"].completed == 1
+
+
+@pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
+async def test_a_task_raising_a_base_exception_is_a_failure_not_a_crash(
+    exc_type: type[BaseException],
+) -> None:
+    async def exits() -> None:
+        await anyio.sleep(0)
+        raise exc_type(3)
+
+    async def sibling() -> str:
+        await anyio.sleep(0.1)
+        return "alive"
+
+    async with TaskGuard() as guard:
+        bad = guard.spawn(exits)
+        good = guard.spawn(sibling)
+        with pytest.raises(exc_type):
+            await bad.wait()
+        assert await good.wait() == "alive"
+    assert bad.state == "failed"
+    assert guard.report.groups["default"].failed == 1

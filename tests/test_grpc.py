@@ -1,0 +1,437 @@
+"""taskguard.grpc: GuardInterceptor and serve(), on real grpc.aio servers and clients.
+
+These run a grpc.aio server and a real channel on 127.0.0.1 in-process (grpc.aio
+is asyncio-only). The example server as a subprocess, with real signals, is in
+tests/test_demo.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+pytest.importorskip("grpc")
+import grpc
+import grpc.aio
+
+import taskguard
+from taskguard._example_rpc import decode, encode
+from taskguard.grpc import OUTCOME_KEY, RESUME_KEY, GuardInterceptor, serve
+
+pytestmark = pytest.mark.anyio
+SERVICE = "test.Stream"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # grpc.aio runs on asyncio only
+
+
+# -- in-process helpers ------------------------------------------------------------
+
+
+@asynccontextmanager
+async def grpc_server(
+    guard: taskguard.TaskGuard, handlers: dict[str, Any], **options: Any
+) -> AsyncIterator[tuple[grpc.aio.Server, grpc.aio.Channel]]:
+    server = grpc.aio.server(interceptors=[GuardInterceptor(guard, **options)])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield server, channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+def stream_method(channel: grpc.aio.Channel, name: str = "Count") -> Any:
+    return channel.unary_stream(
+        f"/{SERVICE}/{name}", request_serializer=encode, response_deserializer=decode
+    )
+
+
+def unary_method(channel: grpc.aio.Channel, name: str) -> Any:
+    return channel.unary_unary(
+        f"/{SERVICE}/{name}", request_serializer=encode, response_deserializer=decode
+    )
+
+
+class Producer:
+    """An async-generator handler that records how far it got and whether it was closed."""
+
+    def __init__(self, interval: float = 0.05, size: int = 0) -> None:
+        self.interval = interval
+        self.size = size
+        self.produced = 0
+        self.closed = asyncio.Event()
+        self.finally_runs = 0
+
+    async def produce(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            for i in range(int(request["count"])):
+                await asyncio.sleep(self.interval)
+                self.produced += 1
+                yield {"seq": i, "pad": "x" * self.size}
+        finally:
+            self.finally_runs += 1
+            self.closed.set()
+
+    def handler(self) -> Any:
+        return grpc.unary_stream_rpc_method_handler(self.produce, decode, encode)
+
+
+async def read_some(call: Any, n: int) -> list[int]:
+    seqs = []
+    async for message in call:
+        seqs.append(message["seq"])
+        if len(seqs) == n:
+            break
+    return seqs
+
+
+async def read_all(call: Any, into: list[int] | None = None) -> list[int]:
+    seqs = [] if into is None else into
+    async for message in call:
+        seqs.append(message["seq"])
+    return seqs
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+async def test_shutdown_ends_stream_with_unavailable_and_resume_point() -> None:
+    producer = Producer()
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    async with guard, grpc_server(guard, {"Count": producer.handler()}) as (_server, channel):
+        call = stream_method(channel)({"count": 100})
+        seqs = await read_some(call, 5)
+        triggered = time.monotonic()
+        guard.shutdown()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(call, seqs)
+        ended = time.monotonic() - triggered
+        await guard.wait_closed()
+    err = info.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in err.details()
+    trailing = dict(err.trailing_metadata())
+    assert int(trailing[RESUME_KEY]) == len(seqs)
+    assert seqs == list(range(len(seqs)))
+    assert trailing[OUTCOME_KEY] == "interrupted"
+    assert ended < 1.0
+    assert producer.finally_runs == 1
+    assert guard.report.streams == {"interrupted": 1}
+    assert guard.report.clean
+
+
+async def test_bidi_stream_is_interrupted_too() -> None:
+    async def echo(requests: Any, context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            yield {"seq": request["seq"]}
+
+    handler = grpc.stream_stream_rpc_method_handler(echo, decode, encode)
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    async with guard, grpc_server(guard, {"Echo": handler}) as (_server, channel):
+        method = channel.stream_stream(
+            f"/{SERVICE}/Echo", request_serializer=encode, response_deserializer=decode
+        )
+        call = method()
+        for i in range(3):
+            await call.write({"seq": i})
+            assert (await call.read())["seq"] == i
+        guard.shutdown()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), 2)
+        await guard.wait_closed()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(info.value.trailing_metadata())[RESUME_KEY] == "3"
+
+
+async def test_client_cancel_stops_the_producer() -> None:
+    producer = Producer(interval=0.02)
+    guard = taskguard.TaskGuard()
+    async with guard, grpc_server(guard, {"Count": producer.handler()}) as (_server, channel):
+        call = stream_method(channel)({"count": 1000})
+        await read_some(call, 3)
+        call.cancel()
+        await asyncio.wait_for(producer.closed.wait(), 2)
+        produced = producer.produced
+        await asyncio.sleep(0.3)
+        assert producer.produced == produced  # nothing produced after it was closed
+        assert produced < 20
+    assert producer.finally_runs == 1
+    assert guard.report.streams == {"disconnected": 1}
+
+
+async def test_client_deadline_stops_the_producer() -> None:
+    producer = Producer(interval=0.05)
+    guard = taskguard.TaskGuard()
+    async with guard, grpc_server(guard, {"Count": producer.handler()}) as (_server, channel):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(stream_method(channel)({"count": 1000}, timeout=0.4))
+        await asyncio.wait_for(producer.closed.wait(), 2)
+        assert producer.produced < 15
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert producer.finally_runs == 1
+
+
+async def test_stalled_client_is_cut_after_send_timeout() -> None:
+    producer = Producer(interval=0, size=1 << 20)  # 1 MiB messages fill the windows fast
+    guard = taskguard.TaskGuard()
+    async with (
+        guard,
+        grpc_server(guard, {"Count": producer.handler()}, send_timeout=0.5) as (_server, channel),
+    ):
+        method = channel.unary_stream(
+            f"/{SERVICE}/Count", request_serializer=encode, response_deserializer=decode
+        )
+        call = method({"count": 10_000})
+        await read_some(call, 1)  # then stop reading
+        await asyncio.wait_for(producer.closed.wait(), 10)
+        assert producer.produced < 1000
+        call.cancel()
+    assert guard.report.streams == {"stalled": 1}
+
+
+async def test_abort_and_errors_inside_a_stream_pass_through(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def not_found(request: Any, context: Any) -> AsyncIterator[Any]:
+        yield {"seq": 0}
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+
+    async def broken(request: Any, context: Any) -> AsyncIterator[Any]:
+        yield {"seq": 0}
+        raise ValueError("boom")
+
+    handlers = {
+        "NotFound": grpc.unary_stream_rpc_method_handler(not_found, decode, encode),
+        "Broken": grpc.unary_stream_rpc_method_handler(broken, decode, encode),
+    }
+    guard = taskguard.TaskGuard()
+    async with guard, grpc_server(guard, handlers) as (_server, channel):
+        with caplog.at_level(logging.ERROR, logger="taskguard"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_all(stream_method(channel, "NotFound")({}))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert info.value.details() == "no such thing"
+            assert not [r for r in caplog.records if "NotFound" in r.getMessage()]
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_all(stream_method(channel, "Broken")({}))
+            assert info.value.code() == grpc.StatusCode.UNKNOWN
+    assert guard.report.streams == {"completed": 1, "failed": 1}
+
+
+async def test_write_based_stream_is_awaited_not_ended() -> None:
+    """A handler that sends with context.write() cannot be ended: the drain awaits it."""
+
+    async def writer(request: Any, context: Any) -> None:
+        for i in range(5):
+            await asyncio.sleep(0.1)
+            await context.write({"seq": i})
+
+    handler = grpc.unary_stream_rpc_method_handler(writer, decode, encode)
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    async with guard, grpc_server(guard, {"Write": handler}) as (_server, channel):
+        call = stream_method(channel, "Write")({})
+        seqs = await read_some(call, 1)
+        guard.shutdown()
+        await read_all(call, seqs)
+        assert await call.code() == grpc.StatusCode.OK
+        report = await guard.wait_closed()
+    assert seqs == [0, 1, 2, 3, 4]
+    assert report.guarded.completed == 1
+    assert report.streams == {}
+
+
+# -- unary RPCs and serve() ----------------------------------------------------------
+
+
+async def test_in_flight_unary_rpc_is_awaited_and_late_ones_refused() -> None:
+    done = []
+
+    async def slow(request: Any, context: Any) -> Any:
+        await asyncio.sleep(0.5)
+        done.append(request)
+        return {"ok": request}
+
+    handler = grpc.unary_unary_rpc_method_handler(slow, decode, encode)
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    async with guard, grpc_server(guard, {"Slow": handler}) as (_server, channel):
+        call = asyncio.ensure_future(unary_method(channel, "Slow")(1))
+        await asyncio.sleep(0.2)
+        guard.shutdown()
+        closed = await guard.wait_closed()
+        assert done == [1]  # the guard closed only after the RPC's handler returned
+        assert await call == {"ok": 1}
+        # the guard is closed: the interceptor refuses new RPCs
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await unary_method(channel, "Slow")(2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert done == [1]
+    assert closed.guarded.completed == 1
+    assert closed.clean
+
+
+async def test_sync_unary_handler_in_the_thread_pool_is_awaited() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = []
+
+    def slow(request: Any, context: Any) -> Any:
+        time.sleep(0.5)  # a blocking handler, in grpc's migration thread pool
+        done.append(request)
+        return {"ok": request}
+
+    handler = grpc.unary_unary_rpc_method_handler(slow, decode, encode)
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    with ThreadPoolExecutor(2) as pool:
+        async with guard:
+            server = grpc.aio.server(pool, interceptors=[GuardInterceptor(guard)])
+            server.add_generic_rpc_handlers(
+                [grpc.method_handlers_generic_handler(SERVICE, {"Slow": handler})]
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    call = asyncio.ensure_future(unary_method(channel, "Slow")(1))
+                    await asyncio.sleep(0.2)
+                    guard.shutdown()
+                    report = await guard.wait_closed()
+                    assert done == [1]  # closed only once the handler had returned
+                    assert await call == {"ok": 1}
+            finally:
+                await server.stop(0)
+    assert report.guarded.completed == 1
+    assert report.clean
+
+
+async def test_serve_stops_intake_drains_and_returns_when_closed() -> None:
+    producer = Producer()
+    jobs_done: list[int] = []
+
+    async def job(n: int) -> None:
+        await asyncio.sleep(0.5)
+        jobs_done.append(n)
+
+    async def spawn_job(request: Any, context: Any) -> Any:
+        taskguard.spawn(job, request)
+        return {"spawned": request}
+
+    guard = taskguard.TaskGuard(exit_wait_timeout=5)
+    async with guard:
+        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
+        handlers = {
+            "Count": producer.handler(),
+            "Spawn": grpc.unary_unary_rpc_method_handler(spawn_job, decode, encode),
+        }
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+        port = server.add_insecure_port("127.0.0.1:0")
+        serving = asyncio.ensure_future(serve(server, guard))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        try:
+            assert await unary_method(channel, "Spawn")(7, wait_for_ready=True) == {"spawned": 7}
+            call = stream_method(channel)({"count": 100})
+            await read_some(call, 2)
+            triggered = time.monotonic()
+            guard.shutdown()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_all(call)
+            # intake stopped without holding the stream: the drain ended it at once
+            assert time.monotonic() - triggered < 1.0
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in info.value.details()
+            await asyncio.wait_for(serving, 5)
+            assert guard.state is taskguard.State.CLOSED  # serve returned once closed
+            assert jobs_done == [7]
+            # intake stopped: a new RPC is refused by the server itself
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary_method(channel, "Spawn")(8, timeout=1)
+        finally:
+            await channel.close()
+            serving.cancel()
+    hooks = [(h.stage, h.name, h.outcome) for h in guard.report.hooks]
+    assert hooks == [("before_drain", "grpc: stop intake", "ok")]
+
+
+async def test_serve_rejects_a_grace_longer_than_the_exit_wait() -> None:
+    async with taskguard.TaskGuard(exit_wait_timeout=3) as guard:
+        server = grpc.aio.server()
+        with pytest.raises(ValueError, match=r"grace 10s .* exit_wait_timeout 3s"):
+            await serve(server, guard, grace=10)
+        with pytest.raises(ValueError, match="grace"):
+            await serve(server, guard, grace=-1)
+
+
+async def test_serve_needs_a_running_guard() -> None:
+    with pytest.raises(taskguard.NotStartedError):
+        await serve(grpc.aio.server(), taskguard.TaskGuard())
+
+
+async def test_cancelling_serve_stops_the_server() -> None:
+    async def hello(request: Any, context: Any) -> Any:
+        return {"hello": request}
+
+    async with taskguard.TaskGuard() as guard:
+        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
+        handler = grpc.unary_unary_rpc_method_handler(hello, decode, encode)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {"Hello": handler})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        serving = asyncio.ensure_future(serve(server, guard))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await unary_method(channel, "Hello")(1, wait_for_ready=True)
+            assert reply == {"hello": 1}
+            serving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await serving
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await unary_method(channel, "Hello")(2, timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serve_inside_taskguard_run_returns() -> None:
+    """Inside run()'s main (a guarded section) serve() must not wait for closed."""
+    result: dict[str, Any] = {}
+
+    async def hello(request: Any, context: Any) -> Any:
+        return {"hello": request}
+
+    async def main(guard: taskguard.TaskGuard) -> None:
+        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
+        handler = grpc.unary_unary_rpc_method_handler(hello, decode, encode)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(SERVICE, {"Hello": handler})]
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+
+        async def client() -> None:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                result["reply"] = await unary_method(channel, "Hello")("x", wait_for_ready=True)
+            guard.shutdown()
+
+        task = asyncio.ensure_future(client())
+        await serve(server, guard)
+        await task
+
+    report = taskguard.run(main, handle_signals=False, exit_wait_timeout=5)
+    assert result["reply"] == {"hello": "x"}
+    assert report.clean
+    assert [h.name for h in report.hooks] == ["grpc: stop intake"]
+
+
+def test_interceptor_validates_its_arguments() -> None:
+    with pytest.raises(TypeError):
+        GuardInterceptor(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="send_timeout"):
+        GuardInterceptor(taskguard.TaskGuard(), send_timeout=0)

@@ -1,0 +1,758 @@
+"""Fault cases: whatever a task, a hook or a signal does, nothing is lost and nothing hangs.
+
+Each fault is its own test. In-process tests run on asyncio and trio (anyio's
+pytest plugin); a task or hook that swallows cancellation there is releasable
+(see tests/helpers_reliability.py for why). The forever-swallowing case and
+the signal cases run ``taskguard.run`` in a real subprocess and send it real
+signals with ``os.kill``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import pytest
+from helpers_reliability import SCRIPT_PRELUDE, Release, run_script
+
+from taskguard import ShuttingDownError, TaskGuard
+
+# Generous slack on top of every promised bound: 2 cores shared with other jobs.
+SLACK = 2.0
+BACKENDS = ["asyncio", "trio"]
+
+
+# -- tasks -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_task_swallowing_cancellation_in_a_loop_is_abandoned_and_reported() -> None:
+    release = Release()
+    guard = TaskGuard(exit_wait_timeout=0.3, cancel_grace=0.3, hook_timeout=0.5)
+    after_ran = anyio.Event()
+
+    async def after() -> None:
+        after_ran.set()
+
+    async def stubborn_worker() -> str:
+        return await release.swallow_cancellation()
+
+    start = time.monotonic()
+    async with guard:
+        handle = guard.spawn(stubborn_worker, name="stubborn", group="work")
+        guard.on_shutdown(after)
+        await anyio.sleep(0.05)
+    took = time.monotonic() - start
+    try:
+        report = guard.report
+        assert took < 0.3 + 0.3 + SLACK, took
+        assert release.swallowed >= 1  # it really was cancelled, and ignored it
+        assert [s.name for s in report.stuck] == ["stubborn"]
+        assert "stubborn_worker" in report.stuck[0].stack  # the stack names where it hangs
+        assert report.groups["work"].stuck == 1
+        assert report.groups["work"].completed == 0
+        assert handle.state == "running"  # never reported as something it did not do
+        assert after_ran.is_set()  # the after_drain hooks still ran
+        assert not report.clean
+    finally:
+        release.set()
+    # Once released it ends; it is not counted twice in the report already built.
+    assert await handle.wait() == "released"
+    assert guard.report.groups["work"].stuck == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_task_swallowing_cancellation_forever_still_ends_the_process(
+    tmp_path: Path, backend: str
+) -> None:
+    # No release here: the process itself must end. On asyncio taskguard.run
+    # manages the loop's end and returns the report; on trio the abandoned
+    # system task keeps trio.run from returning, so the hard deadline
+    # (exit wait + cancel grace + hook timeouts + 2 s) ends the process.
+    source = (
+        SCRIPT_PRELUDE
+        + """
+async def stubborn_forever():
+    while True:
+        try:
+            await anyio.sleep(0.02)
+        except anyio.get_cancelled_exc_class():
+            pass
+
+async def main(guard):
+    guard.spawn(stubborn_forever, name="stubborn")
+    say("READY")
+    await guard.wait_for_shutdown()
+
+finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=0.5, cancel_grace=0.5))
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        proc.wait_line("READY")
+        start = time.monotonic()
+        proc.kill(signal.SIGTERM)
+        rc = proc.wait(0.5 + 0.5 + 2.0 + SLACK + 3)
+        took = time.monotonic() - start
+        err = proc.stderr()
+        assert "stubborn_forever" in err, err  # the stuck task's stack was logged
+        if backend == "asyncio":
+            assert rc == 1, err  # the report came out, and it is not clean
+            report = proc.report()
+            assert [s["name"] for s in report["stuck"]] == ["stubborn"]
+            assert took < 0.5 + 0.5 + SLACK + 1
+        else:
+            assert rc == 3, err  # EXIT_HARD: the hard deadline ended it
+            assert "hard deadline" in err
+            assert took < 0.5 + 0.5 + 2.0 + SLACK + 1
+
+
+@pytest.mark.anyio
+async def test_task_blocking_the_event_loop_delays_shutdown_but_is_still_cut() -> None:
+    # A blocking call cannot be interrupted: the whole loop, the guard's
+    # supervisor included, stands still for 2 s. Once the loop runs again the
+    # deadline has passed, so the task is cancelled at its next await and
+    # reported as cut; nothing is lost and shutdown resumes at once.
+    guard = TaskGuard(exit_wait_timeout=0.5, cancel_grace=0.5)
+    progress: list[str] = []
+
+    async def blocker() -> None:
+        progress.append("blocking")
+        time.sleep(2.0)  # sync code on the loop thread: the fault under test
+        progress.append("unblocked")
+        await anyio.sleep(10)
+        progress.append("finished")  # must never happen
+
+    start = time.monotonic()
+    async with guard:
+        guard.spawn(blocker, group="work")
+        guard.shutdown("test")
+    took = time.monotonic() - start
+    report = guard.report
+    assert progress == ["blocking", "unblocked"]
+    assert report.groups["work"].cancelled == 1
+    assert report.groups["work"].cut == 1
+    assert report.stuck == []
+    assert 2.0 <= took < 2.0 + 0.5 + 0.5 + SLACK, took
+
+
+@pytest.mark.anyio
+async def test_blocking_sync_hook_overrun_is_reported_and_the_rest_still_run() -> None:
+    guard = TaskGuard(exit_wait_timeout=1, cancel_grace=0.1)
+    ran: list[str] = []
+
+    def slow_sync_hook() -> None:
+        time.sleep(0.6)
+        ran.append("slow")
+
+    def later_hook() -> None:
+        ran.append("later")
+
+    async with guard:
+        guard.on_shutdown(later_hook)  # registered first: runs last
+        guard.on_shutdown(slow_sync_hook, timeout=0.2)
+    outcomes = {h.name: h.outcome for h in guard.report.hooks}
+    assert ran == ["slow", "later"]
+    assert outcomes == {"slow_sync_hook": "timeout", "later_hook": "ok"}
+
+
+# -- hooks -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_hanging_hooks_are_cut_at_their_timeout_and_the_others_run() -> None:
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.2, hook_timeout=5)
+    release = Release()
+    ran: list[str] = []
+
+    async def hangs_before() -> None:
+        await anyio.sleep_forever()
+
+    async def hangs_after() -> None:
+        await anyio.sleep_forever()
+
+    async def ignores_its_cancellation() -> None:
+        await release.swallow_cancellation()
+
+    async def ok_before() -> None:
+        ran.append("ok_before")
+
+    async def ok_after() -> None:
+        ran.append("ok_after")
+
+    start = time.monotonic()
+    async with guard:
+        guard.on_shutdown(ok_before, stage="before_drain")
+        guard.on_shutdown(hangs_before, stage="before_drain", timeout=0.3)
+        guard.on_shutdown(ok_after)
+        guard.on_shutdown(ignores_its_cancellation, timeout=0.3)
+        guard.on_shutdown(hangs_after, timeout=0.3)
+    took = time.monotonic() - start
+    try:
+        outcomes = {h.name: h.outcome for h in guard.report.hooks}
+        assert outcomes == {
+            "hangs_before": "timeout",
+            "ok_before": "ok",
+            "hangs_after": "timeout",
+            "ignores_its_cancellation": "timeout",
+            "ok_after": "ok",
+        }
+        assert [h.name for h in guard.report.hooks] == [
+            "hangs_before",
+            "ok_before",
+            "hangs_after",
+            "ignores_its_cancellation",
+            "ok_after",
+        ]
+        assert ran == ["ok_before", "ok_after"]
+        assert release.swallowed >= 1
+        # Bound: the three hook timeouts, plus a little grace for the abandoned one.
+        assert took < 0.3 * 3 + SLACK, took
+        assert not guard.report.clean
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize(
+    "exc_type", [KeyboardInterrupt, SystemExit, GeneratorExit, type("Custom", (BaseException,), {})]
+)
+@pytest.mark.anyio
+async def test_hook_raising_base_exception_is_recorded_and_the_rest_run(
+    exc_type: type[BaseException],
+) -> None:
+    guard = TaskGuard(exit_wait_timeout=1, cancel_grace=0.1)
+    ran: list[str] = []
+
+    def sync_raises() -> None:
+        raise exc_type("from a sync hook")
+
+    async def async_raises() -> None:
+        await anyio.sleep(0)
+        raise exc_type("from an async hook")
+
+    def ok() -> None:
+        ran.append("ok")
+
+    guard_exited_normally = False
+    async with guard:
+        for stage in ("before_drain", "after_drain"):
+            guard.on_shutdown(ok, stage=stage, name=f"ok-{stage}")
+            guard.on_shutdown(sync_raises, stage=stage, name=f"sync-{stage}")
+            guard.on_shutdown(async_raises, stage=stage, name=f"async-{stage}")
+    guard_exited_normally = True  # the BaseException did not escape the guard
+    assert guard_exited_normally
+    hooks = {h.name: h for h in guard.report.hooks}
+    assert len(hooks) == 6
+    for stage in ("before_drain", "after_drain"):
+        assert hooks[f"ok-{stage}"].outcome == "ok"
+        for kind in ("sync", "async"):
+            report = hooks[f"{kind}-{stage}"]
+            assert report.outcome == "error"
+            assert report.error is not None
+            assert exc_type.__name__ in report.error
+    assert ran == ["ok", "ok"]
+    assert not guard.report.clean
+
+
+# -- the error handler -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_error_handler_that_raises_does_not_break_accounting_or_siblings() -> None:
+    handled: list[str] = []
+
+    def handler(exc: BaseException, handle: Any) -> None:
+        handled.append(handle.name)
+        raise RuntimeError("the error handler itself is broken")
+
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.2, error_handler=handler)
+
+    async def fails(n: int) -> None:
+        await anyio.sleep(0.01 * n)
+        raise ValueError(f"job {n} failed")
+
+    async def sibling() -> str:
+        await anyio.sleep(0.2)
+        return "done"
+
+    async with guard:
+        sib = guard.spawn(sibling, name="sibling")
+        failing = [guard.spawn(fails, n, name=f"fails-{n}") for n in range(3)]
+        # Spawning still works after the handler raised.
+        await anyio.sleep(0.1)
+        late = guard.spawn(sibling, name="late")
+    assert sorted(handled) == ["fails-0", "fails-1", "fails-2"]
+    assert sib.state == "completed"
+    assert late.state == "completed"
+    for handle in failing:
+        assert handle.state == "failed"
+        with pytest.raises(ValueError, match="failed"):
+            await handle.wait()
+    counts = guard.report.groups["default"]
+    assert (counts.completed, counts.failed, counts.cancelled) == (2, 3, 0)
+    assert guard.report.clean  # background failures are counted beside clean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_error_handler_raising_keyboard_interrupt_does_not_hang(
+    tmp_path: Path, backend: str
+) -> None:
+    # In a subprocess: the failure mode is a hang, and a hang must not take
+    # the test run with it.
+    source = (
+        SCRIPT_PRELUDE
+        + """
+from taskguard import TaskGuard
+
+def handler(exc, handle):
+    raise KeyboardInterrupt("from the error handler")
+
+async def fails():
+    raise ValueError("boom")
+
+async def sibling():
+    await anyio.sleep(0.3)
+
+async def main():
+    guard = TaskGuard(exit_wait_timeout=1, cancel_grace=0.3, error_handler=handler)
+    try:
+        async with guard:
+            guard.spawn(fails, name="fails")
+            guard.spawn(sibling, name="sibling")
+            await anyio.sleep(0.05)
+    except BaseException as exc:
+        say("ESCAPED", type(exc).__name__)
+        raise
+    finally:
+        say("STATE", guard.state.value)
+    say("REPORT", guard.report.model_dump_json())
+
+try:
+    anyio.run(main, backend=BACKEND)
+except KeyboardInterrupt:
+    say("END KeyboardInterrupt")
+else:
+    say("END normally")
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        proc.wait(1 + 0.3 + SLACK + 5)
+        # The handler's KeyboardInterrupt is logged, not raised into the event loop
+        # (where it would skip the bookkeeping and leave the drain waiting).
+        assert proc.wait_line("END") == "END normally", proc.stderr()
+        assert proc.wait_line("STATE") == "STATE closed", proc.stderr()
+        groups = proc.report()["groups"]["default"]
+        assert (groups["completed"], groups["failed"]) == (1, 1)
+        assert "the error_handler raised" in proc.stderr()
+
+
+# -- signals (real subprocess, real os.kill) -----------------------------------------
+
+_HOOK_SCRIPT = (
+    SCRIPT_PRELUDE
+    + """
+STAGE = sys.argv[2]
+
+async def long_job():
+    await anyio.sleep(30)
+
+async def slow_hook():
+    say("IN_HOOK")
+    await anyio.sleep(1.5)
+    say("HOOK_DONE")
+
+async def main(guard):
+    guard.spawn(long_job, name="long", group="work")
+    guard.on_shutdown(slow_hook, stage=STAGE, timeout=5)
+    say("READY")
+    await guard.wait_for_shutdown()
+
+finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=20, cancel_grace=1, hook_timeout=5))
+"""
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_signal_during_before_drain_hook_forces_the_drain(
+    tmp_path: Path, backend: str
+) -> None:
+    with run_script(tmp_path, _HOOK_SCRIPT, backend, "before_drain") as proc:
+        proc.wait_line("READY")
+        start = time.monotonic()
+        proc.kill(signal.SIGTERM)
+        proc.wait_line("IN_HOOK")
+        proc.kill(signal.SIGTERM)  # second: force
+        rc = proc.wait(1.5 + 1 + SLACK + 3)
+        took = time.monotonic() - start
+        report = proc.report()
+        assert rc == 1, proc.stderr()  # drain work was cut: not clean
+        assert report["forced"] is True
+        assert report["groups"]["work"]["cut"] == 1
+        assert report["stuck"] == []
+        # the hook itself is not cut by the force: it ran to its end, once
+        assert [(h["name"], h["outcome"]) for h in report["hooks"]] == [("slow_hook", "ok")]
+        assert proc.lines.count("HOOK_DONE") == 1
+        # far below the 20 s exit wait: the second signal ended the drain
+        assert took < 1.5 + 1 + SLACK + 1, took
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_signal_during_after_drain_hook_does_not_cut_it(
+    tmp_path: Path, backend: str
+) -> None:
+    source = _HOOK_SCRIPT.replace("await anyio.sleep(30)", "await anyio.sleep(0.2)")
+    with run_script(tmp_path, source, backend, "after_drain") as proc:
+        proc.wait_line("READY")
+        proc.kill(signal.SIGTERM)
+        proc.wait_line("IN_HOOK")
+        proc.kill(signal.SIGTERM)  # second: the drain is over, nothing is left to force
+        rc = proc.wait(1.5 + SLACK + 3)
+        report = proc.report()
+        assert rc == 0, proc.stderr()
+        assert report["groups"]["work"]["completed"] == 1
+        assert [(h["name"], h["outcome"]) for h in report["hooks"]] == [("slow_hook", "ok")]
+        assert "HOOK_DONE" in proc.lines
+        assert report["clean"] is True
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_signals_in_quick_succession_end_the_process(tmp_path: Path, backend: str) -> None:
+    source = (
+        SCRIPT_PRELUDE
+        + """
+async def stubborn_forever():
+    while True:
+        try:
+            await anyio.sleep(0.02)
+        except anyio.get_cancelled_exc_class():
+            pass
+
+async def main(guard):
+    guard.spawn(stubborn_forever, name="stubborn")
+    say("READY")
+    await guard.wait_for_shutdown()
+
+finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=30, cancel_grace=30))
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        proc.wait_line("READY")
+        start = time.monotonic()
+        for _ in range(3):
+            proc.kill(signal.SIGTERM)
+            time.sleep(0.02)
+        rc = proc.wait(SLACK + 5)
+        took = time.monotonic() - start
+        err = proc.stderr()
+        assert rc == 128 + signal.SIGTERM, err
+        assert "third exit signal" in err
+        assert "stubborn" in err  # what was still running is named in the log
+        assert took < SLACK + 2, took  # nowhere near exit wait + cancel grace (60 s)
+
+
+# -- threads -------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_spawn_from_a_worker_thread_via_from_thread() -> None:
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.2)
+    results: list[int] = []
+
+    async def job(n: int) -> int:
+        await anyio.sleep(0.01)
+        results.append(n)
+        return n
+
+    def spawn_job(n: int) -> None:
+        guard.spawn(job, n, group="threads")
+
+    def worker(first: int) -> list[str]:
+        errors = []
+        # A direct call from a thread is refused loudly, never lost.
+        try:
+            guard.spawn(job, -1)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+        for n in range(first, first + 10):
+            anyio.from_thread.run_sync(spawn_job, n)
+        with guard.guarded("thread-section"):
+            time.sleep(0.05)
+        return errors
+
+    async with guard:
+        async with anyio.create_task_group() as tg:
+            for first in (0, 10, 20):
+                tg.start_soon(anyio.to_thread.run_sync, worker, first)
+        # and once more while draining (the open section keeps the drain going):
+        # the drain group still accepts the work
+        async with guard.guarded("body"):
+            guard.shutdown("test")
+            errors = await anyio.to_thread.run_sync(worker, 30)
+    assert "from_thread" in errors[0]
+    assert sorted(results) == list(range(40))
+    assert guard.report.groups["threads"].completed == 40
+    assert guard.report.groups["default"].completed == 0  # the refused direct calls
+    assert guard.report.guarded.completed == 5
+
+
+@pytest.mark.anyio
+async def test_spawn_from_a_worker_thread_after_stopping_raises() -> None:
+    guard = TaskGuard(exit_wait_timeout=0.2, cancel_grace=0.1)
+    outcome: list[str] = []
+    release = threading.Event()
+
+    def late_worker() -> None:
+        release.wait(5)
+        try:
+            anyio.from_thread.run_sync(lambda: guard.spawn(anyio.sleep, 0))
+        except ShuttingDownError:
+            outcome.append("refused")
+        else:
+            outcome.append("accepted")
+
+    async with guard:
+        guard.on_shutdown(release.set, stage="after_drain")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, late_worker)
+            guard.shutdown("test")  # the thread tries again from the after_drain hook on
+    assert outcome == ["refused"]
+
+
+@pytest.mark.anyio
+async def test_worker_thread_section_cannot_be_cancelled_and_is_reported_stuck() -> None:
+    # A thread cannot be cancelled: the guard waits for it until the deadline
+    # and the cancel grace, then gives up on it, naming it with its stack.
+    guard = TaskGuard(exit_wait_timeout=0.3, cancel_grace=0.2)
+    release = threading.Event()
+
+    def held_in_thread() -> None:
+        with guard.guarded("held"):
+            release.wait(10)
+
+    start = time.monotonic()
+    async with guard:
+        thread = threading.Thread(target=held_in_thread)
+        thread.start()
+        await anyio.sleep(0.05)
+    took = time.monotonic() - start
+    try:
+        report = guard.report
+        assert [(s.name, s.group) for s in report.stuck] == [("held", "(guarded, thread)")]
+        assert "held_in_thread" in report.stuck[0].stack
+        assert report.guarded.stuck == 1
+        assert took < 0.3 + 0.2 + SLACK
+    finally:
+        release.set()
+        thread.join(5)
+    assert guard.report.guarded.completed == 0  # leaving late does not rewrite the report
+
+
+@pytest.mark.anyio
+async def test_shutdown_requested_from_a_worker_thread() -> None:
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.2)
+    done: list[str] = []
+
+    async def job() -> None:
+        await anyio.sleep(0.1)
+        done.append("job")
+
+    async with guard:
+        guard.spawn(job)
+        await anyio.to_thread.run_sync(guard.shutdown, "from a thread")
+        with anyio.fail_after(0.5 + SLACK):
+            await guard.wait_for_shutdown()
+    assert guard.report.trigger == "from a thread"
+    assert done == ["job"]  # drained, not cut
+    assert guard.report.clean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sync_hook_hanging_forever_is_ended_by_the_hard_deadline(
+    tmp_path: Path, backend: str
+) -> None:
+    # A sync hook runs inline on the loop thread and cannot be interrupted;
+    # only taskguard.run's hard deadline (exit wait + cancel grace + after-drain
+    # hook timeouts + 2 s) bounds it. The process must still end, with status 3.
+    source = (
+        SCRIPT_PRELUDE
+        + """
+def hangs_forever():
+    say("IN_HOOK")
+    time.sleep(600)
+
+async def main(guard):
+    guard.on_shutdown(hangs_forever, timeout=0.5)
+    say("READY")
+    await guard.wait_for_shutdown()
+
+finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=0.5, cancel_grace=0.5))
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        proc.wait_line("READY")
+        start = time.monotonic()
+        proc.kill(signal.SIGTERM)
+        proc.wait_line("IN_HOOK")
+        rc = proc.wait(0.5 + 0.5 + 0.5 + 2 + SLACK + 3)
+        took = time.monotonic() - start
+        err = proc.stderr()
+        assert rc == 3, err
+        assert "hard deadline" in err
+        assert took < 0.5 + 0.5 + 0.5 + 2 + SLACK, took
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_asyncio_cancel_goes_through_a_shielded_section() -> None:
+    # A documented limit, not a promise: shield=True is an anyio cancel scope.
+    # It holds against anyio/trio-style cancellation (a cancelled enclosing
+    # scope: a client disconnect in Starlette, a server timeout through anyio),
+    # but a native asyncio task.cancel() is delivered through it.
+    import asyncio
+
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.2)
+    log: list[str] = []
+
+    async def handler() -> None:
+        async with guard.guarded("audit", shield=True):
+            await anyio.sleep(0.2)
+            log.append("native: finished")
+
+    async with guard:
+        with anyio.CancelScope() as outer:
+            async with guard.guarded("audit", shield=True):
+                outer.cancel()
+                await anyio.sleep(0.1)
+                log.append("scope: finished")
+        task = asyncio.ensure_future(handler())
+        await anyio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert log == ["scope: finished"]
+    assert guard.report.guarded.completed == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bare_run_waits_for_an_abandoned_task_at_loop_close(tmp_path: Path, backend: str) -> None:
+    # The documented limit behind taskguard.run's own loop management: under a
+    # bare asyncio.run / trio.run the guard returns its report on time, but the
+    # loop's end then waits for the task it abandoned. (Killed by the test.)
+    source = (
+        SCRIPT_PRELUDE
+        + """
+import asyncio
+from taskguard import TaskGuard
+
+async def stubborn_forever():
+    while True:
+        try:
+            await anyio.sleep(0.02)
+        except anyio.get_cancelled_exc_class():
+            pass
+
+async def main():
+    async with TaskGuard(exit_wait_timeout=0.2, cancel_grace=0.2) as guard:
+        guard.spawn(stubborn_forever, name="stubborn")
+    say("REPORT", guard.report.model_dump_json())
+
+if BACKEND == "asyncio":
+    asyncio.run(main())
+else:
+    import trio
+    trio.run(main)
+say("LOOP CLOSED")
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        report = json.loads(proc.wait_line("REPORT ", timeout=15)[len("REPORT ") :])
+        assert [s["name"] for s in report["stuck"]] == ["stubborn"]
+        time.sleep(2.0)
+        assert proc.popen.poll() is None  # still waiting at loop close
+        assert "LOOP CLOSED" not in proc.lines
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exc_name", ["SystemExit", "KeyboardInterrupt"])
+def test_background_task_raising_system_exit_is_its_failure_not_the_apps(
+    tmp_path: Path, backend: str, exc_name: str
+) -> None:
+    # "Background failures never cancel siblings and never crash the app",
+    # whatever they raise. In a subprocess: the failure mode ends the process.
+    source = (
+        SCRIPT_PRELUDE
+        + f"""
+from taskguard import TaskGuard
+
+async def bad():
+    await anyio.sleep(0.01)
+    raise {exc_name}("from a background task")
+
+async def sibling():
+    await anyio.sleep(0.3)
+
+async def main():
+    guard = TaskGuard(exit_wait_timeout=2, cancel_grace=0.3)
+    async with guard:
+        bad_handle = guard.spawn(bad, name="bad")
+        guard.spawn(sibling, name="sibling")
+        await anyio.sleep(0.5)
+        say("BODY", bad_handle.state)
+    say("REPORT", guard.report.model_dump_json())
+
+anyio.run(main, backend=BACKEND)
+say("END")
+"""
+    )
+    with run_script(tmp_path, source, backend) as proc:
+        rc = proc.wait(10)
+        assert rc == 0, proc.stderr()
+        assert proc.wait_line("BODY", timeout=1) == "BODY failed"
+        counts = proc.report()["groups"]["default"]
+        assert (counts["completed"], counts["failed"]) == (1, 1)
+        assert "END" in proc.lines
+
+
+@pytest.mark.anyio
+async def test_refused_coroutine_objects_are_closed_not_leaked() -> None:
+    # A refused spawn of a coroutine object must close it: otherwise Python
+    # warns "coroutine ... was never awaited" at some random later moment.
+    import gc
+    import warnings
+
+    from taskguard import GroupConfig, GroupFullError
+
+    guard = TaskGuard(
+        exit_wait_timeout=1,
+        cancel_grace=0.1,
+        groups={
+            "tiny": GroupConfig(limit=1, pending_limit=0),
+            "c": GroupConfig(on_shutdown="cancel"),
+        },
+    )
+
+    async def job() -> None:
+        await anyio.sleep(0.05)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with guard:
+            guard.spawn(job(), group="tiny")
+            with pytest.raises(GroupFullError):
+                guard.spawn(job(), group="tiny")
+            async with guard.guarded("hold"):
+                guard.shutdown("test")
+                with pytest.raises(ShuttingDownError):
+                    guard.spawn(job(), group="c")  # cancel group while draining
+        with pytest.raises(ShuttingDownError):
+            guard.spawn(job(), group="tiny")  # closed
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
+    assert guard.report.groups["tiny"].refused == 1  # the one after close is not in the report
+    assert guard.report.groups["c"].refused == 1

@@ -1,0 +1,375 @@
+"""taskguard.run and the ``taskguard run`` command: real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import taskguard
+from taskguard import TaskGuard
+
+BACKENDS = ["asyncio", "trio"]
+
+SCRIPT_PRELUDE = """
+import logging, sys, anyio, taskguard
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(levelname)s %(name)s: %(message)s")
+"""
+
+
+class Proc:
+    """A child process whose output lines are collected as they come."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.started = time.monotonic()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.seen:
+                if text in line:
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{text!r} not seen in time; output:\n" + self.output())
+            try:
+                self.seen.append(self.lines.get(timeout=left))
+            except queue.Empty:
+                pass
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.popen.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        finally:
+            time.sleep(0.05)
+            self.output()
+
+    def output(self) -> str:
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return "\n".join(self.seen)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        if self.popen.stdout is not None:
+            self.popen.stdout.close()
+
+
+def write(tmp_path: Path, name: str, body: str) -> Path:
+    path = tmp_path / name
+    path.write_text(SCRIPT_PRELUDE + textwrap.dedent(body))
+    return path
+
+
+RUN_SCRIPT = """
+async def main(guard):
+    async def work():
+        async with guard.guarded("work"):
+            print("WORKING", flush=True)
+            await anyio.sleep(float(sys.argv[2]))
+            print("WORK DONE", flush=True)
+
+    guard.spawn(work)
+    await guard.wait_for_shutdown()
+    print("MAIN RETURNS", flush=True)
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=30, cancel_grace=1)
+print("REPORT CLEAN", report.clean, flush=True)
+sys.exit(0 if report.clean else 1)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigterm_mid_work_finishes_guarded_work_and_exits_0(tmp_path: Path, backend: str) -> None:
+    script = write(tmp_path, "app.py", RUN_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend, "1.0"], tmp_path)
+    try:
+        proc.wait_for("WORKING")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        elapsed = time.monotonic() - sent
+        out = proc.output()
+        assert status == 0, out
+        assert "WORK DONE" in out
+        assert out.index("MAIN RETURNS") < out.index("WORK DONE")  # main returns first
+        assert "REPORT CLEAN True" in out
+        assert "exit signal SIGTERM: shutting down" in out
+        assert "taskguard shutdown clean: trigger=signal SIGTERM" in out
+        assert 0.5 < elapsed < 1.0 + 5  # waited for the work, then no longer
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_sigterm_forces_a_quick_exit(tmp_path: Path, backend: str) -> None:
+    script = write(tmp_path, "app.py", RUN_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend, "60"], tmp_path)
+    try:
+        proc.wait_for("WORKING")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for("shutdown started")
+        time.sleep(0.2)
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert time.monotonic() - sent < 5, out
+        assert status == 1, out  # the cut work makes the report not clean
+        assert "second exit signal SIGTERM: forcing shutdown" in out
+        assert "WORK DONE" not in out
+        assert "(forced)" in out
+    finally:
+        proc.kill()
+
+
+STUCK_SCRIPT = """
+async def main(guard):
+    async def swallower():
+        print("WORKING", flush=True)
+        while True:
+            try:
+                await anyio.sleep(0.05)
+            except anyio.get_cancelled_exc_class():
+                pass
+
+    guard.spawn(swallower)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=float(sys.argv[2]),
+                       cancel_grace=float(sys.argv[3]))
+print("REPORT CLEAN", report.clean, "STUCK", [s.name for s in report.stuck], flush=True)
+sys.exit(0 if report.clean else 1)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_third_signal_ends_the_process_at_once(tmp_path: Path, backend: str) -> None:
+    script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend, "30", "30"], tmp_path)
+    try:
+        proc.wait_for("WORKING")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for("shutdown started")
+        proc.signal(signal.SIGTERM)
+        proc.wait_for("shutdown forced")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=10)
+        out = proc.output()
+        assert time.monotonic() - sent < 3, out
+        assert status == 128 + signal.SIGTERM, out
+        assert "third exit signal (SIGTERM)" in out
+        assert "still running: swallower" in out
+    finally:
+        proc.kill()
+
+
+def test_hard_deadline_ends_a_trio_process_with_a_stuck_task(tmp_path: Path) -> None:
+    # On trio an abandoned task keeps trio.run from returning: only the hard
+    # deadline (exit wait + cancel grace + hooks + 2 s slack) ends the process.
+    script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
+    proc = Proc([sys.executable, str(script), "trio", "0.5", "0.5"], tmp_path)
+    try:
+        proc.wait_for("WORKING")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert status == 3, out
+        assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
+        assert "hard deadline" in out
+        assert "abandoned swallower" in out
+        assert "REPORT CLEAN" not in out
+    finally:
+        proc.kill()
+
+
+def test_asyncio_run_is_bounded_with_a_stuck_task(tmp_path: Path) -> None:
+    # On asyncio taskguard.run manages the loop's end itself: the stuck task is
+    # left behind and run() returns its report.
+    script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
+    proc = Proc([sys.executable, str(script), "asyncio", "0.5", "0.5"], tmp_path)
+    try:
+        proc.wait_for("WORKING")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert status == 1, out
+        assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
+        assert "REPORT CLEAN False STUCK ['swallower']" in out
+    finally:
+        proc.kill()
+
+
+CLI_MODULE = """
+async def serve(guard):
+    async def work():
+        print("WORKING", flush=True)
+        await anyio.sleep(0.5)
+        print("WORK DONE", flush=True)
+
+    guard.spawn(work, group="jobs")
+    await guard.wait_for_shutdown()
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_run_module_function(tmp_path: Path, backend: str) -> None:
+    write(tmp_path, "myservice.py", CLI_MODULE)
+    args = [sys.executable, "-m", "taskguard", "run", "myservice:serve", "--backend", backend]
+    proc = Proc([*args, "--json"], tmp_path, env={"TASKGUARD_EXIT_WAIT_TIMEOUT": "20"})
+    try:
+        proc.wait_for("WORKING")
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert status == 0, out
+        assert "WORK DONE" in out
+        assert '"clean": true' in out
+        assert '"trigger": "signal SIGTERM"' in out
+    finally:
+        proc.kill()
+
+
+def test_cli_errors(tmp_path: Path) -> None:
+    write(tmp_path, "myservice.py", CLI_MODULE)
+    base = [sys.executable, "-m", "taskguard", "run"]
+    bad_target = subprocess.run(
+        [*base, "nocolon"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert bad_target.returncode != 0
+    assert "package.module:function" in bad_target.stderr
+    missing = subprocess.run(
+        [*base, "myservice:nope"], cwd=tmp_path, capture_output=True, text=True, timeout=30
+    )
+    assert missing.returncode != 0
+    assert "nope" in missing.stderr
+    env = {**os.environ, "TASKGUARD_EXIT_WAIT_TIMEOUT": "soon"}
+    bad_env = subprocess.run(
+        [*base, "myservice:serve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert bad_env.returncode == 2
+    assert "exit_wait_timeout" in bad_env.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_in_process_returns_the_report(backend: str) -> None:
+    seen: list[str] = []
+
+    async def main(guard: TaskGuard, word: str) -> None:
+        async def job() -> None:
+            seen.append(word)
+
+        guard.spawn(job)
+        guard.shutdown(reason="done")
+        await guard.wait_for_shutdown()
+
+    report = taskguard.run(main, "hello", backend=backend, handle_signals=False)
+    assert seen == ["hello"]
+    assert report.clean
+    assert report.trigger == "done"
+    assert report.guarded.completed == 1  # main itself
+
+
+def test_run_reraises_mains_exception_after_shutdown() -> None:
+    done: list[str] = []
+
+    async def main(guard: TaskGuard) -> None:
+        async def job() -> None:
+            import anyio
+
+            await anyio.sleep(0.1)
+            done.append("job")
+
+        guard.spawn(job)
+        raise RuntimeError("main failed")
+
+    with pytest.raises(RuntimeError, match="main failed"):
+        taskguard.run(main, handle_signals=False)
+    assert done == ["job"]
+
+
+def test_run_argument_errors() -> None:
+    with pytest.raises(TypeError):
+        taskguard.run(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="backend"):
+        taskguard.run(lambda g: None, backend="curio")  # type: ignore[arg-type]
+
+
+EARLY_SIGNAL_SCRIPT = """
+import os, signal
+
+async def main(guard):
+    # no await before the signal: the handlers must already be in place
+    os.kill(os.getpid(), signal.SIGTERM)
+    print("STILL ALIVE", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1])
+print("REPORT", report.trigger, report.clean, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signal_handlers_are_installed_before_main_runs(tmp_path: Path, backend: str) -> None:
+    script = write(tmp_path, "early.py", EARLY_SIGNAL_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        status = proc.wait(timeout=30)
+        out = proc.output()
+        assert status == 0, out
+        assert "STILL ALIVE" in out
+        assert "REPORT signal SIGTERM True" in out
+    finally:
+        proc.kill()
+
+
+def test_run_respects_handle_signals_from_the_config() -> None:
+    seen: list[bool] = []
+
+    async def main(guard: TaskGuard) -> None:
+        seen.append(guard.config.handle_signals)
+
+    taskguard.run(main, config={"handle_signals": False})
+    taskguard.run(main, config=taskguard.GuardConfig(handle_signals=False))
+    assert seen == [False, False]
