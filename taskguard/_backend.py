@@ -40,6 +40,10 @@ class Backend:
     def current_task(self) -> object:
         raise NotImplementedError
 
+    def current_task_function(self) -> Callable[[], object]:
+        """The backend's own current-task function (guarded() calls it, no wrapper frames)."""
+        raise NotImplementedError
+
     def time(self) -> float:
         """The loop's clock (``anyio.current_time()``), also usable in loop callbacks,
         where anyio cannot tell which event loop runs (there is no current task)."""
@@ -66,6 +70,9 @@ class AsyncioBackend(Backend):
 
     def current_task(self) -> object:
         return asyncio.current_task()
+
+    def current_task_function(self) -> Callable[[], object]:
+        return asyncio.current_task
 
     def time(self) -> float:
         return self.loop.time()
@@ -98,6 +105,9 @@ class TrioBackend(Backend):
 
     def current_task(self) -> object:
         return self._trio.lowlevel.current_task()
+
+    def current_task_function(self) -> Callable[[], object]:
+        return self._trio.lowlevel.current_task
 
     def time(self) -> float:
         return float(self._trio.current_time())

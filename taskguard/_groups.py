@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._config import GroupConfig
@@ -21,7 +20,6 @@ class Group:
 
     __slots__ = (
         "_guard",
-        "_start",
         "cancelled",
         "closed",
         "completed",
@@ -43,10 +41,8 @@ class Group:
         guard: TaskGuard,
         name: str,
         config: GroupConfig,
-        start: Callable[[TaskHandle[Any]], None],
     ) -> None:
         self._guard = guard
-        self._start = start
         self.name = name
         self.config = config
         self.drains = config.on_shutdown == "drain"
@@ -70,7 +66,7 @@ class Group:
             self.pending.append(handle)
         else:
             self.running[handle] = None
-            self._start(handle)
+            self._guard._start(handle)  # the backend's start, bound when the guard started
         self._guard._live += 1
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
@@ -88,7 +84,7 @@ class Group:
         if self.pending and (self.limit is None or len(self.running) < self.limit):
             nxt = self.pending.popleft()
             self.running[nxt] = None
-            self._start(nxt)
+            self._guard._start(nxt)
         guard = self._guard
         guard._live -= 1
         if not guard._live and guard._wake is not None:

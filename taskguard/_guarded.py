@@ -25,6 +25,9 @@ __all__ = ["Guarded", "SectionRegistry"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+_RUNNING = State.RUNNING
+_DRAINING = State.DRAINING
+
 _THREAD_LOCK = threading.Lock()
 
 
@@ -91,12 +94,17 @@ class Guarded:
             self._push(child._task, child)
             return self
         guard = self._owner = self._guard or self._resolve()
-        guard._open_section(self)
+        # SectionRegistry._open_section inlined: this is on every request's path
+        state = guard._state
+        if state is not _RUNNING and state is not _DRAINING:
+            guard._refuse_section(self.name)
+        guard._sections[self] = None
+        guard._live += 1
         self._open = True
         self._cut = False
         self._started = time.monotonic()
-        self._task = guard._backend_current_task()
-        scope = self._scope = anyio.CancelScope(shield=self._shield)
+        self._task = guard._current_task()
+        scope = self._scope = guard._scope_class(shield=self._shield)
         scope.__enter__()
         return self
 
@@ -240,7 +248,7 @@ class SectionRegistry:
 
     def _open_section(self, section: Guarded) -> None:
         state = self._state
-        if state is not State.RUNNING and state is not State.DRAINING:
+        if state is not _RUNNING and state is not _DRAINING:
             self._refuse_section(section.name)
         self._sections[section] = None
         self._live += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import sys
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -147,14 +148,34 @@ class TaskHandle(Generic[T]):
             self._finish(CANCELLED, None, None)
             return
         exc = task.exception()  # also marks it retrieved: no "never retrieved" log
-        if exc is None:
-            result = task.result()
-            if result is _BASE_EXIT:
-                self._finish(FAILED, None, self._exc)
-                return
-            self._finish(COMPLETED, result, None)
-        else:
+        if exc is not None:
             self._finish(FAILED, None, exc)
+            return
+        result = task.result()
+        if result is _BASE_EXIT:
+            self._finish(FAILED, None, self._exc)
+            return
+        # The common case, _finish and Group.task_done inlined (once per task).
+        self._state = COMPLETED
+        self._result = result
+        self._task = None  # drop the task: its frame may hold large locals
+        grp = self._group
+        if grp.pending:
+            grp.task_done(self)
+        else:
+            grp.running.pop(self, None)
+            grp.completed += 1
+            guard = grp._guard
+            guard._live -= 1
+            if not guard._live and guard._wake is not None:
+                guard._wake.set()
+        if self._event is not None:
+            self._event.set()
+
+    # The handle itself is the task's done callback: a bound method would be
+    # one more object per pending task, and the garbage collector's cost grows
+    # with the tracked objects per task (measured: 2.1x -> 1.4x raw at N=10k).
+    __call__ = _asyncio_done
 
 
 _CANCEL_ON_START = object()
@@ -182,12 +203,11 @@ def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> N
     handle._task = task
     handle._state = RUNNING
     handle._started = time.monotonic()
-    task.add_done_callback(handle._asyncio_done)
+    task.add_done_callback(handle)
 
 
 def start_trio(handle: TaskHandle[Any]) -> None:
-    import trio
-
+    trio = sys.modules["trio"]  # we run under trio: a dict lookup, not an import per spawn
     handle._state = RUNNING
     handle._started = time.monotonic()
     # A system task, not a nursery child: the guard must be able to abandon a
@@ -199,8 +219,7 @@ def start_trio(handle: TaskHandle[Any]) -> None:
 
 
 async def _trio_runner(handle: TaskHandle[Any]) -> None:
-    import trio
-
+    trio = sys.modules["trio"]
     result: Any = None
     finished = False
     try:

@@ -214,7 +214,10 @@ class _Request:
             if self.channel is not None:
                 self.channel.close()  # the app is done: the source ends after the last chunk
                 await self.pump_done.wait()
-            tg.cancel_scope.cancel()  # the disconnect watcher
+                # Only a stream starts children (the pump, the disconnect watcher).
+                # Cancelling an idle scope is not free: anyio formats the task's
+                # repr into the cancel message, ~1/3 of a plain request's overhead.
+                tg.cancel_scope.cancel()
         stream = self.control.stream
         if stream is not None and stream.outcome is not StreamOutcome.COMPLETED:
             await self._end(stream)
