@@ -93,20 +93,39 @@ class Guarded:
             await child.__aenter__()
             self._push(child._task, child)
             return self
-        guard = self._owner = self._guard or self._resolve()
+        guard = self._guard or self._resolve()
+        scope = guard._scope_class(shield=self._shield)
+        self._attach(guard, scope)
+        scope.__enter__()
+        return self
+
+    def _attach(self, guard: TaskGuard, scope: anyio.CancelScope) -> None:
+        """Open this section with ``scope`` as its cancel scope; the caller enters
+        and exits the scope and closes the section with :meth:`_detach`.
+
+        ``__aenter__`` uses it with a scope of its own. The ASGI middleware passes
+        the scope it runs the app in, so that one scope per request serves both
+        (a cancel scope is the largest cost of a request's bookkeeping).
+        """
         # SectionRegistry._open_section inlined: this is on every request's path
         state = guard._state
         if state is not _RUNNING and state is not _DRAINING:
             guard._refuse_section(self.name)
         guard._sections[self] = None
         guard._live += 1
+        self._owner = guard
         self._open = True
         self._cut = False
         self._started = time.monotonic()
         self._task = guard._current_task()
-        scope = self._scope = guard._scope_class(shield=self._shield)
-        scope.__enter__()
-        return self
+        self._scope = scope
+
+    def _detach(self, cancelled: bool) -> None:
+        """Close a section opened with :meth:`_attach` (after its scope exited)."""
+        self._scope = None
+        self._open = False
+        assert self._owner is not None
+        self._owner._close_section(self, cancelled)
 
     async def __aexit__(
         self,

@@ -9,6 +9,7 @@ arrives. See docs/asgi.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -19,7 +20,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ._asgi_lifespan import Lifespan, SignalChain
 from ._config import GuardConfig
+from ._exceptions import ShuttingDownError
 from ._guard import TaskGuard
+from ._guarded import Guarded, _is_cancellation
 from ._report import State
 from ._streams import GuardedStream, StreamOutcome
 
@@ -54,6 +57,8 @@ class StreamControl:
     of aborting it. ``streaming`` overrides the detection (a response without a
     Content-Length header is a stream).
     """
+
+    __slots__ = ("final_message", "guard", "send_timeout", "stream", "streaming")
 
     def __init__(self, guard: TaskGuard, send_timeout: float | None) -> None:
         self.guard = guard
@@ -173,15 +178,38 @@ class TaskGuardMiddleware:
             await _respond(send, 503, b"shutting down", b"text/plain", close=True)
             return
         control = StreamControl(guard, self.send_timeout)
-        scope = dict(scope)
-        scope["extensions"] = {**(scope.get("extensions") or {}), "taskguard": control}
-        async with guard.guarded(f"{scope.get('method', '')} {scope.get('path', '')}"):
-            await _Request(self, control, scope, receive, send).run()
+        scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "taskguard": control}}
+        await _Request(self, control, scope, receive, send).run()
 
 
 class _Request:
-    """One HTTP request: the app in its own cancel scope, a streaming body pumped
-    through a GuardedStream, and a watcher for the client's disconnect."""
+    """One HTTP request: the app in its own cancel scope and, once the response
+    turns out to be a stream, its body pumped through a GuardedStream and a
+    watcher for the client's disconnect.
+
+    A plain response costs one cancel scope and this object: everything a
+    stream needs (channel, event, lock, helper tasks) is made when the stream
+    starts. The helpers are tasks of the guard's backend, not children of a
+    per-request task group: a task group per request cost more than the rest
+    of the middleware together (its exit is a checkpoint, i.e. one more trip
+    through the event loop for every request).
+    """
+
+    __slots__ = (
+        "app_scope",
+        "channel",
+        "channel_out",
+        "control",
+        "disconnected",
+        "helpers",
+        "mw",
+        "pending",
+        "pump_done",
+        "real_receive",
+        "real_send",
+        "receive_lock",
+        "scope",
+    )
 
     def __init__(
         self,
@@ -193,35 +221,59 @@ class _Request:
     ) -> None:
         self.mw, self.control, self.scope = mw, control, scope
         self.real_receive, self.real_send = receive, send
-        self.app_scope = anyio.CancelScope()
-        self.tg: anyio.abc.TaskGroup | None = None
+        self.app_scope = control.guard._scope_class()
         self.channel: MemoryObjectSendStream[Message] | None = None
         self.channel_out: MemoryObjectReceiveStream[Message] | None = None
-        self.pump_done = anyio.Event()
-        self.receive_lock = anyio.Lock()
+        self.pump_done: anyio.Event | None = None
+        self.receive_lock: anyio.Lock | None = None
+        self.helpers: list[tuple[anyio.CancelScope, object]] = []
         self.pending: list[Message] = []
         self.disconnected = False
 
     async def run(self) -> None:
+        # The request is a guarded section whose cancel scope is the app's own:
+        # the guard cuts it at the deadline, the pump when a stream ends early.
+        guard = self.control.guard
+        section = Guarded(
+            guard, f"{self.scope.get('method', '')} {self.scope.get('path', '')}", False
+        )
+        section._attach(guard, self.app_scope)
+        cancelled = False
+        try:
+            await self._run()
+        except BaseException as exc:
+            cancelled = _is_cancellation(exc)
+            raise
+        finally:
+            section._detach(cancelled)
+        if section._cut and self.app_scope.cancelled_caught:
+            # As `async with guard.guarded()` does: the code after it (here the
+            # server) must not take the request for complete.
+            raise ShuttingDownError(f"request {section.name!r} was cut at the shutdown deadline")
+
+    async def _run(self) -> None:
         app_error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            self.tg = tg
-            with self.app_scope:
-                try:
-                    await self.mw.app(self.scope, self.receive, self.send)
-                except Exception as exc:
-                    app_error = exc
-            if self.channel is not None:
-                self.channel.close()  # the app is done: the source ends after the last chunk
-                await self.pump_done.wait()
-                # Only a stream starts children (the pump, the disconnect watcher).
-                # Cancelling an idle scope is not free: anyio formats the task's
-                # repr into the cancel message, ~1/3 of a plain request's overhead.
-                tg.cancel_scope.cancel()
+        with self.app_scope:
+            try:
+                await self.mw.app(self.scope, self.receive, self.send)
+            except Exception as exc:
+                app_error = exc
+        if self.channel is None:  # a plain response: nothing more to do
+            if app_error is not None:
+                raise app_error
+            return
+        try:
+            self.channel.close()  # the app is done: the source ends after the last chunk
+            assert self.pump_done is not None
+            await self.pump_done.wait()
+        finally:
+            for scope, _task in self.helpers:
+                scope.cancel()  # the disconnect watcher; a send the server shields
         stream = self.control.stream
-        if stream is not None and stream.outcome is not StreamOutcome.COMPLETED:
+        assert stream is not None
+        if stream.outcome is not StreamOutcome.COMPLETED:
             await self._end(stream)
-        if app_error is not None and (stream is None or stream.outcome is StreamOutcome.COMPLETED):
+        elif app_error is not None:
             raise app_error  # not a consequence of our cut: the server reports it
 
     # -- what the app sees ---------------------------------------------------------
@@ -231,10 +283,14 @@ class _Request:
             return self.pending.pop(0)
         if self.disconnected:
             return dict(_DISCONNECT)
-        async with self.receive_lock:  # one reader of the server's receive at a time
-            if self.pending:
-                return self.pending.pop(0)
+        lock = self.receive_lock
+        if lock is None:  # no stream (yet): the app is the only reader
             message = await self.real_receive()
+        else:
+            async with lock:  # one reader of the server's receive at a time
+                if self.pending:
+                    return self.pending.pop(0)
+                message = await self.real_receive()
         self._saw(message)
         return message
 
@@ -245,17 +301,18 @@ class _Request:
                 self.control.stream.disconnected()
 
     async def send(self, message: Message) -> None:
-        stream = self.control.stream
-        if self.channel is not None:
+        channel = self.channel
+        if channel is not None:
+            stream = self.control.stream
             if stream is not None and stream.outcome is None:
                 try:
-                    await self.channel.send(message)
+                    await channel.send(message)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                     pass  # the stream ended meanwhile; the app is being cancelled
                 if message["type"] == "http.response.body" and not message.get("more_body"):
                     # Complete: what the app does next (e.g. Starlette's background
                     # tasks) is no longer part of the stream.
-                    self.channel.close()
+                    channel.close()
             return  # the stream ended: nothing more is sent
         if message["type"] == "http.response.start" and self._is_stream(message):
             await self._send_timed(message)
@@ -273,6 +330,12 @@ class _Request:
     def _start_stream(self) -> None:
         send_ch, recv_ch = anyio.create_memory_object_stream[Message](0)
         self.channel, self.channel_out = send_ch, recv_ch
+        self.pump_done = anyio.Event()
+        # From here on the watcher reads the server's receive too. A read the
+        # app started before (Starlette's disconnect listener) is not under the
+        # lock: whichever of the two gets the disconnect reports it, and the
+        # other read ends when the request does.
+        self.receive_lock = anyio.Lock()
         stream = self.control.guard.stream(
             _messages(recv_ch),
             name=f"{self.scope.get('method', '')} {self.scope.get('path', '')}",
@@ -280,18 +343,38 @@ class _Request:
             max_duration=self.mw.max_duration,
         )
         self.control.stream = stream
-        assert self.tg is not None
-        self.tg.start_soon(self._pump, stream)
-        self.tg.start_soon(self._watch_disconnect)
+        backend = self.control.guard._backend
+        assert backend is not None
+        if backend.name == "trio":
+            pump = functools.partial(self._pump, stream, self._send_in_task)
+        else:
+            pump = functools.partial(self._pump, stream, self.real_send)
+        self._helper(pump, "taskguard-asgi-pump")
+        self._helper(self._watch_disconnect, "taskguard-asgi-disconnect")
 
-    async def _pump(self, stream: GuardedStream[Message]) -> None:
+    def _helper(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``fn`` in a task of its own that the request cancels as it ends."""
+        scope = anyio.CancelScope()
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await fn()
+                except Exception:  # a helper's failure must not end the loop (trio)
+                    logger.exception("%s of %r failed", name, self.control.stream)
+
+        backend = self.control.guard._backend
+        assert backend is not None
+        # Strong reference until the request ends.
+        self.helpers.append((scope, backend.start_system_task(run, name=name)))
+
+    async def _pump(self, stream: GuardedStream[Message], send: Send) -> None:
         try:
-            backend = self.control.guard._backend
-            trio = backend is not None and backend.name == "trio"
-            await stream.pump(self._send_in_task if trio else self.real_send)
+            await stream.pump(send)
         except Exception:
             logger.exception("streaming response %r failed", stream.name)
         finally:
+            assert self.pump_done is not None
             self.pump_done.set()
             if self.channel_out is not None:
                 self.channel_out.close()
@@ -299,7 +382,7 @@ class _Request:
                 self.app_scope.cancel()  # stop the producer at once
 
     async def _send_in_task(self, message: Message) -> None:
-        """Send from a child task, so that a send the server shields from
+        """Send from a task of its own, so that a send the server shields from
         cancellation (hypercorn's trio worker does) cannot hold the pump: on a
         stall the pump and the producer stop; the send ends with the connection."""
         done = anyio.Event()
@@ -313,20 +396,21 @@ class _Request:
             finally:
                 done.set()
 
-        assert self.tg is not None
-        self.tg.start_soon(run)
+        self._helper(run, "taskguard-asgi-send")
         await done.wait()
         if failure:
             raise failure[0]
 
     async def _watch_disconnect(self) -> None:
         """Read the server's receive while the app does not, to see a disconnect."""
+        lock = self.receive_lock
+        assert lock is not None
         while not self.disconnected:
             if self.pending and self.pending[-1].get("more_body"):
                 # The app has not read the request body yet: do not buffer it all.
                 await anyio.sleep(0.05)
                 continue
-            async with self.receive_lock:
+            async with lock:
                 message = await self.real_receive()
             if message["type"] == "http.disconnect":
                 self._saw(message)

@@ -111,6 +111,45 @@ async def test_in_flight_request_completes_and_readiness_turns_503() -> None:
     assert mw.guard.report.guarded.completed == 1  # /slow; readiness is not guarded
 
 
+async def test_request_still_running_at_the_deadline_is_cut_and_named() -> None:
+    async def hang(request: Request) -> PlainTextResponse:
+        await anyio.sleep(60)
+        return PlainTextResponse("never")
+
+    app = Starlette(routes=[Route("/hang", hang)])
+    config = taskguard.GuardConfig(exit_wait_timeout=0.3, cancel_grace=0.2)
+    mw = TaskGuardMiddleware(app, config=config, signals="off")
+    scope = {"type": "http", "method": "GET", "path": "/hang", "headers": [], "query_string": b""}
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        await anyio.sleep(60)
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    failures: list[BaseException] = []
+
+    async def request() -> None:
+        try:
+            await mw(scope, receive, send)
+        except taskguard.ShuttingDownError as exc:
+            failures.append(exc)
+
+    with anyio.fail_after(5):
+        async with asgi_lifespan(mw), anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await anyio.sleep(0.1)
+            assert mw.guard.stats().guarded == 1
+            mw.guard.shutdown("test")
+    assert len(failures) == 1 and "'GET /hang' was cut" in str(failures[0])
+    assert sent == []  # the server answers 500 for an app that raised before responding
+    report = mw.guard.report
+    assert report.guarded.cut == 1
+    assert not report.clean
+
+
 async def test_starlette_background_tasks_are_awaited_not_cut() -> None:
     events: list[str] = []
     mw = TaskGuardMiddleware(make_app(events), signals="off")
