@@ -23,7 +23,14 @@ Helpers (plain functions, usable anywhere):
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Mapping,
+    MutableMapping,
+)
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -124,9 +131,26 @@ async def _running_guard(
     async with guard:
         yield guard
     if not guard.report.clean and request.node.get_closest_marker("taskguard_unclean_ok") is None:
+        # Failed by the teardown hook below, not here: pytest-asyncio skips
+        # restoring the context variables an async fixture set when its
+        # teardown raises, and the closed guard would stay "current" for the
+        # tests that follow.
+        request.node.stash[_UNCLEAN] = guard.report.summary()
+
+
+_UNCLEAN = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """Fail the test whose ``taskguard_guard`` closed with an unclean report."""
+    yield
+    summary = item.stash.get(_UNCLEAN, None)
+    if summary is not None:
+        del item.stash[_UNCLEAN]
         pytest.fail(
             "taskguard: the shutdown report is not clean (mark the test "
-            "@pytest.mark.taskguard_unclean_ok if that is expected):\n" + guard.report.summary()
+            "@pytest.mark.taskguard_unclean_ok if that is expected):\n" + summary
         )
 
 
