@@ -96,3 +96,51 @@ async def test_task_runs_in_a_copy_of_the_spawners_context() -> None:
     async with TaskGuard() as guard:
         var.set("request-7")
         assert await guard.spawn(read).wait() == "request-7"
+
+
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+async def test_a_base_exception_raised_while_being_cancelled_stays_in_the_task(
+    exc_type: type[BaseException],
+) -> None:
+    # The cancellation reaches the task through the handle's throw() on
+    # asyncio (send() carries the normal steps): both keep the exit in the task.
+    started = anyio.Event()
+
+    async def exits_when_cancelled() -> None:
+        try:
+            started.set()
+            await anyio.sleep(60)
+        finally:
+            raise exc_type("from a finally block")
+
+    async with TaskGuard() as guard:
+        handle = guard.spawn(exits_when_cancelled)
+        await started.wait()
+        assert handle.cancel()
+        with pytest.raises(exc_type):
+            await handle.wait()
+    assert handle.state == "failed"
+    assert guard.report.groups["default"].failed == 1
+
+
+async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend: str) -> None:
+    import asyncio
+    import inspect
+
+    started = anyio.Event()
+
+    async def sleeper_for_the_stack() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    async with TaskGuard() as guard:
+        handle = guard.spawn(sleeper_for_the_stack)
+        await started.wait()
+        if anyio_backend == "asyncio":
+            task = handle._task
+            assert isinstance(task, asyncio.Task)
+            # debuggers, asyncio and anyio see through the handle to the coroutine
+            assert inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_SUSPENDED  # type: ignore[arg-type]
+            assert task.get_stack()[0].f_code.co_name == "sleeper_for_the_stack"
+        assert "sleeper_for_the_stack" in guard._backend.task_stack(handle._task)  # type: ignore[union-attr]
+        handle.cancel()
