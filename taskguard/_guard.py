@@ -8,7 +8,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
-from types import CoroutineType, TracebackType
+from types import CoroutineType, FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -289,7 +289,15 @@ class TaskGuard(HookRegistry, SectionRegistry):
                 "spawn() was called from a worker thread; call it on the event loop, e.g. "
                 "anyio.from_thread.run_sync(guard.spawn, fn)"
             )
-        coro = fn if type(fn) is CoroutineType and not args else _make_coroutine(fn, args)
+        kind = type(fn)
+        if kind is FunctionType:  # spawn(async_fn, *args), the common form: no extra frame
+            coro = fn(*args)
+            if type(coro) is not CoroutineType:
+                coro = _check_coroutine(fn, coro)
+        elif kind is CoroutineType and not args:
+            coro = fn
+        else:
+            coro = _make_coroutine(fn, args)
         if (
             grp.pending_limit is not None
             and grp.limit is not None
@@ -442,7 +450,10 @@ def _make_coroutine(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
                 )
             return fn
         raise TypeError(f"spawn() takes an async function or a coroutine object, not {fn!r}")
-    coro = fn(*args)
+    return _check_coroutine(fn, fn(*args))
+
+
+def _check_coroutine(fn: Any, coro: Any) -> Coroutine[Any, Any, Any]:
     if type(coro) is CoroutineType or asyncio.iscoroutine(coro):
         return coro
     raise TypeError(
