@@ -21,17 +21,14 @@ BACKENDS = ["asyncio", "trio"]
 # -- tasks -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_task_swallowing_cancellation_forever_still_ends_the_process(
-    tmp_path: Path, backend: str
-) -> None:
-    # No release here: the process itself must end. On asyncio taskguard.run
-    # manages the loop's end and returns the report; on trio the abandoned
-    # system task keeps trio.run from returning, so the hard deadline
-    # (exit wait + cancel grace + hook timeouts + 2 s) ends the process.
-    source = (
-        SCRIPT_PRELUDE
-        + """
+def stubborn_script(exit_wait: float, cancel_grace: float) -> str:
+    """A taskguard.run script whose one task swallows cancellation forever."""
+    timeouts = f"exit_wait_timeout={exit_wait!r}, cancel_grace={cancel_grace!r}"
+    run = f"taskguard.run(main, backend=BACKEND, {timeouts})"
+    return SCRIPT_PRELUDE + STUBBORN_MAIN + f"\nfinish({run})\n"
+
+
+STUBBORN_MAIN = """
 async def stubborn_forever():
     while True:
         try:
@@ -43,10 +40,18 @@ async def main(guard):
     guard.spawn(stubborn_forever, name="stubborn")
     say("READY")
     await guard.wait_for_shutdown()
-
-finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=0.5, cancel_grace=0.5))
 """
-    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_task_swallowing_cancellation_forever_still_ends_the_process(
+    tmp_path: Path, backend: str
+) -> None:
+    # No release here: the process itself must end. On asyncio taskguard.run
+    # manages the loop's end and returns the report; on trio the abandoned
+    # system task keeps trio.run from returning, so the hard deadline
+    # (exit wait + cancel grace + hook timeouts + 2 s) ends the process.
+    source = stubborn_script(exit_wait=0.5, cancel_grace=0.5)
     with run_script(tmp_path, source, backend) as proc:
         proc.wait_line("READY")
         start = time.monotonic()
@@ -190,24 +195,7 @@ def test_second_signal_during_after_drain_hook_does_not_cut_it(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_three_signals_in_quick_succession_end_the_process(tmp_path: Path, backend: str) -> None:
-    source = (
-        SCRIPT_PRELUDE
-        + """
-async def stubborn_forever():
-    while True:
-        try:
-            await anyio.sleep(0.02)
-        except anyio.get_cancelled_exc_class():
-            pass
-
-async def main(guard):
-    guard.spawn(stubborn_forever, name="stubborn")
-    say("READY")
-    await guard.wait_for_shutdown()
-
-finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=30, cancel_grace=30))
-"""
-    )
+    source = stubborn_script(exit_wait=30, cancel_grace=30)
     with run_script(tmp_path, source, backend) as proc:
         proc.wait_line("READY")
         start = time.monotonic()
