@@ -116,18 +116,30 @@ class TaskHandle(Generic[T]):
     async def wait(self) -> T:
         """Wait for the task to end: its result, its exception, or TaskCancelledError.
 
-        Being cancelled while waiting does not cancel the task.
+        TaskCancelledError also when shutdown abandoned the task (it ignored its
+        cancellation past the cancel grace). Being cancelled while waiting does
+        not cancel the task.
         """
-        if not self.done():
+        if not self.done() and self._exc is None:
             if self._event is None:
                 self._event = anyio.Event()
             await self._event.wait()
         if self._state == COMPLETED:
             return self._result  # type: ignore[no-any-return]
-        if self._state == FAILED:
-            assert self._exc is not None
+        if self._exc is not None:  # failed, or abandoned by shutdown (still running)
             raise self._exc
         raise TaskCancelledError(f"task {self.name!r} (group {self.group!r}) was cancelled")
+
+    def _abandoned(self) -> None:
+        """Shutdown gave up on the task (it ignored its cancellation past the
+        cancel grace): waiters get TaskCancelledError now instead of waiting
+        for a task nobody will end."""
+        self._exc = TaskCancelledError(
+            f"task {self.name!r} (group {self.group!r}) ignored its cancellation and was "
+            "abandoned at shutdown (see the report's stuck tasks)"
+        )
+        if self._event is not None:
+            self._event.set()
 
     # -- called by the runners -------------------------------------------------
 

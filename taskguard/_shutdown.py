@@ -244,6 +244,7 @@ class Shutdown:
                     )
                 )
                 _ABANDONED.append(handle)
+                handle._abandoned()
         for section in list(guard._sections):
             guard._sections.pop(section)
             guard._section_counts["stuck"] += 1

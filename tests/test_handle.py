@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from taskguard import TaskCancelledError, TaskGuard
+from taskguard import TaskCancelledError, TaskGuard, TaskHandle
 
 pytestmark = pytest.mark.anyio
 
@@ -144,3 +144,41 @@ async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend: str) ->
             assert task.get_stack()[0].f_code.co_name == "sleeper_for_the_stack"
         assert "sleeper_for_the_stack" in guard._backend.task_stack(handle._task)  # type: ignore[union-attr]
         handle.cancel()
+
+
+async def test_waiting_on_a_task_that_shutdown_abandons_does_not_hang() -> None:
+    release = [False]
+
+    async def swallows_cancellation() -> None:
+        while not release[0]:
+            try:
+                await anyio.sleep(0.02)
+            except anyio.get_cancelled_exc_class():
+                pass
+
+    outcome: list[BaseException] = []
+
+    async def waiter(handle: TaskHandle[None]) -> None:
+        try:
+            await handle.wait()
+        except TaskCancelledError as exc:
+            outcome.append(exc)
+
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                async with TaskGuard(exit_wait_timeout=0.2, cancel_grace=0.2) as guard:
+                    handle = guard.spawn(swallows_cancellation)
+                    tg.start_soon(waiter, handle)
+                    await anyio.sleep(0.05)
+                # the guard closed: the waiter was told at the abandonment
+                await anyio.sleep(0.05)
+                assert len(outcome) == 1
+        assert "abandoned at shutdown" in str(outcome[0])
+        assert handle.state == "running"  # it does still run: nobody could end it
+        assert guard.report.groups["default"].stuck == 1
+        with pytest.raises(TaskCancelledError, match="abandoned"):
+            await handle.wait()  # and a late waiter is told at once
+    finally:
+        release[0] = True
+        await anyio.sleep(0.05)

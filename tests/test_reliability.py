@@ -20,7 +20,7 @@ import anyio.to_thread
 import pytest
 from helpers_reliability import Release
 
-from taskguard import ShuttingDownError, TaskGuard
+from taskguard import ShuttingDownError, TaskCancelledError, TaskGuard
 
 # Generous slack on top of every promised bound: 2 cores shared with other jobs.
 SLACK = 2.0
@@ -59,9 +59,15 @@ async def test_task_swallowing_cancellation_in_a_loop_is_abandoned_and_reported(
         assert handle.state == "running"  # never reported as something it did not do
         assert after_ran.is_set()  # the after_drain hooks still ran
         assert not report.clean
+        with pytest.raises(TaskCancelledError, match="abandoned"):
+            await handle.wait()  # the guard gave up on it: a waiter is told, not held
     finally:
         release.set()
-    # Once released it ends; it is not counted twice in the report already built.
+    # Once released it ends; it is not counted twice in the report already built,
+    # and from then on wait() gives its real result.
+    with anyio.fail_after(2):
+        while not handle.done():
+            await anyio.sleep(0.01)
     assert await handle.wait() == "released"
     assert guard.report.groups["work"].stuck == 1
 
