@@ -245,6 +245,8 @@ class _Request:
             cancelled = _is_cancellation(exc)
             raise
         finally:
+            if self.helpers:  # e.g. the server cancelled the request mid-stream
+                self._stop_helpers()
             section._detach(cancelled)
         if section._cut and self.app_scope.cancelled_caught:
             # As `async with guard.guarded()` does: the code after it (here the
@@ -267,8 +269,7 @@ class _Request:
             assert self.pump_done is not None
             await self.pump_done.wait()
         finally:
-            for scope, _task in self.helpers:
-                scope.cancel()  # the disconnect watcher; a send the server shields
+            self._stop_helpers()
         stream = self.control.stream
         assert stream is not None
         if stream.outcome is not StreamOutcome.COMPLETED:
@@ -367,6 +368,17 @@ class _Request:
         assert backend is not None
         # Strong reference until the request ends.
         self.helpers.append((scope, backend.start_system_task(run, name=name)))
+
+    def _stop_helpers(self) -> None:
+        """End the stream if it is still open, close its channel, and cancel the
+        helper tasks (the pump, the disconnect watcher, a send the server shields)."""
+        stream = self.control.stream
+        if stream is not None and stream.outcome is None:
+            stream.stop()
+        if self.channel is not None:
+            self.channel.close()
+        for scope, _task in self.helpers:
+            scope.cancel()
 
     async def _pump(self, stream: GuardedStream[Message], send: Send) -> None:
         try:

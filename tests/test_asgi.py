@@ -151,6 +151,46 @@ async def test_request_still_running_at_the_deadline_is_cut_and_named() -> None:
     assert not report.clean
 
 
+async def test_a_request_the_server_cancels_mid_stream_ends_its_stream_and_helpers() -> None:
+    # e.g. a server's own timeout, or a connection the server tore down: the
+    # stream must not stay open (nor its pump and disconnect watcher run) until
+    # shutdown.
+    produced: list[int] = []
+
+    async def endless(request: Request) -> StreamingResponse:
+        async def items() -> AsyncIterator[str]:
+            for i in range(10_000):
+                produced.append(i)
+                yield f"{i}\n"
+                await anyio.sleep(0.01)
+
+        return StreamingResponse(items())
+
+    mw = TaskGuardMiddleware(Starlette(routes=[Route("/s", endless)]), signals="off")
+    scope = {"type": "http", "method": "GET", "path": "/s", "headers": [], "query_string": b""}
+    never, incoming = anyio.create_memory_object_stream[Message](1)
+
+    async def receive() -> Message:
+        return await incoming.receive()  # the client says nothing, not even goodbye
+
+    async def send(message: Message) -> None:
+        pass
+
+    with never, incoming:
+        async with asgi_lifespan(mw):
+            with anyio.move_on_after(0.2):
+                await mw(scope, receive, send)
+            assert produced  # it was streaming
+            await anyio.sleep(0.05)
+            stats = mw.guard.stats()
+            assert stats.streams == 0
+            assert stats.guarded == 0
+            count = len(produced)
+            await anyio.sleep(0.1)
+            assert len(produced) == count  # the producer stopped
+    assert mw.guard.report.streams == {"stopped": 1}
+
+
 async def test_starlette_background_tasks_are_awaited_not_cut() -> None:
     events: list[str] = []
     mw = TaskGuardMiddleware(make_app(events), signals="off")
