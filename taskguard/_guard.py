@@ -19,7 +19,7 @@ from ._config import GuardConfig
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
 from ._groups import Group
 from ._guarded import Guarded, SectionRegistry
-from ._handle import AsyncioTaskHandle, TaskHandle, start_asyncio, start_trio
+from ._handle import TaskHandle, start_asyncio, start_trio
 from ._hooks import Hook, ResourceKeeper
 from ._registry import HookRegistry
 from ._report import GuardStats, ShutdownReport, State
@@ -88,7 +88,6 @@ class TaskGuard(HookRegistry, SectionRegistry):
         self._start: Callable[[TaskHandle[Any]], None] = _not_started
         self._scope_class: Callable[..., anyio.CancelScope] = anyio.CancelScope
         self._current_task: Callable[[], object] = _no_task
-        self._handle_class: type[TaskHandle[Any]] = TaskHandle
 
     def __repr__(self) -> str:
         return f"<TaskGuard state={self._state.value} live={self._live}>"
@@ -147,10 +146,8 @@ class TaskGuard(HookRegistry, SectionRegistry):
             loop = asyncio.get_running_loop()
             # a C partial, not a lambda: one Python frame less per spawn
             self._start = functools.partial(start_asyncio, loop)
-            self._handle_class = AsyncioTaskHandle
         else:
             self._start = start_trio
-            self._handle_class = TaskHandle
         for name in self.config.groups:
             self._group(name)
         self._group("default")
@@ -310,7 +307,7 @@ class TaskGuard(HookRegistry, SectionRegistry):
                 f"group {group!r} is full: {grp.limit} running and {grp.pending_limit} pending "
                 "(its limit and pending_limit)"
             )
-        handle: TaskHandle[Any] = self._handle_class(grp, coro, name)
+        handle: TaskHandle[Any] = TaskHandle(grp, coro, name)
         if grp.limit is None:  # Group.submit's common case, inlined: spawn is on every request
             grp.running[handle] = None
             self._start(handle)
@@ -442,6 +439,11 @@ class TaskGuard(HookRegistry, SectionRegistry):
 def _make_coroutine(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
     # A coroutine object is not callable: test callable() first, so the common
     # spawn(async_fn, ...) skips asyncio.iscoroutine's ABC isinstance check on fn.
+    if isinstance(fn, TaskHandle):
+        raise TypeError(
+            "spawn() got a TaskHandle (a task already spawned); to wait for it, "
+            "spawn an async function that awaits handle.wait()"
+        )
     if not callable(fn):
         if asyncio.iscoroutine(fn):
             if args:

@@ -17,7 +17,7 @@ from ._exceptions import TaskCancelledError
 if TYPE_CHECKING:
     from ._groups import Group
 
-__all__ = ["AsyncioTaskHandle", "TaskHandle", "start_asyncio", "start_trio"]
+__all__ = ["TaskHandle", "start_asyncio", "start_trio"]
 
 T = TypeVar("T")
 
@@ -197,32 +197,38 @@ _CANCEL_ON_START = object()
 _BASE_EXIT = object()
 
 
-class AsyncioTaskHandle(TaskHandle[T]):
-    """The handle of a task on asyncio; it is also what the asyncio task runs.
+class _Steps:
+    """What an asyncio task of the guard runs: its coroutine, step by step.
 
     asyncio re-raises KeyboardInterrupt and SystemExit out of the event loop
     when a task raises them: one background task would end the app and lose
     the other tasks' accounting. To keep them inside the task (as on trio,
-    where they are that task's failure), the task runs this handle, which
-    passes each step on to the task's coroutine and turns those two into the
-    task's end. A wrapper coroutine (``async def: return await coro``) does the
-    same, but costs a coroutine and a frame per task: the handle is there
-    anyway (measured: spawn 1.1-1.3x instead of 1.4-1.8x a bare task, and
-    ~200 bytes less per pending task).
+    where they are that task's failure), ``send``/``throw`` pass each step on
+    to the coroutine and turn those two into the task's end, recorded on the
+    handle. A wrapper coroutine (``async def: return await coro``) does the
+    same at the cost of a coroutine and a frame per task (measured: ~200 bytes
+    more per pending task, and a slower spawn).
 
-    It is registered as a ``collections.abc.Coroutine`` for ``asyncio.Task``,
-    which drives any object with ``send``/``throw``; it has no ``__await__``:
-    awaiting a handle is ``await handle.wait()``. The ``cr_*`` attributes are
-    the coroutine's, so stacks and ``inspect.getcoroutinestate`` see through it.
+    Registered as a ``collections.abc.Coroutine`` (``asyncio.Task`` drives any
+    such object through ``send``/``throw``). It is private on purpose: the
+    handle must not look like a coroutine (``asyncio.gather(handle)`` would run
+    the coroutine twice, and debug-mode asyncio refuses coroutines as
+    callbacks, which the handle is). ``cr_*`` and ``__name__`` are the
+    coroutine's, so stacks, task reprs and ``inspect.getcoroutinestate`` see
+    through it.
     """
 
-    __slots__ = ()
+    __slots__ = ("_coro", "_handle")
+
+    def __init__(self, handle: TaskHandle[Any]) -> None:
+        self._handle = handle
+        self._coro = handle._coro
 
     def send(self, value: object) -> Any:
         try:
             return self._coro.send(value)
         except (KeyboardInterrupt, SystemExit) as exc:
-            self._exc = exc
+            self._handle._exc = exc
             raise StopIteration(_BASE_EXIT) from None
 
     def throw(self, exc: Any, value: Any = None, tb: Any = None) -> Any:
@@ -231,11 +237,15 @@ class AsyncioTaskHandle(TaskHandle[T]):
                 return self._coro.throw(exc)
             return self._coro.throw(exc, value, tb)  # pragma: no cover - old signature
         except (KeyboardInterrupt, SystemExit) as base_exit:
-            self._exc = base_exit
+            self._handle._exc = base_exit
             raise StopIteration(_BASE_EXIT) from None
 
     def close(self) -> None:
         self._coro.close()
+
+    @property
+    def __name__(self) -> str:
+        return str(getattr(self._coro, "__qualname__", None) or type(self._coro).__name__)
 
     @property
     def cr_frame(self) -> Any:
@@ -258,14 +268,14 @@ class AsyncioTaskHandle(TaskHandle[T]):
         return getattr(self._coro, "cr_code", None)
 
 
-collections.abc.Coroutine.register(AsyncioTaskHandle)
+collections.abc.Coroutine.register(_Steps)
 
 
 def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> None:
-    # A loop task running the handle itself (see AsyncioTaskHandle) and the
-    # handle as its done callback; no per-task cancel scope: task.cancel() is
-    # the scope on asyncio.
-    task: asyncio.Task[Any] = loop.create_task(handle, name=handle._name)  # type: ignore[arg-type]
+    # A loop task running the coroutine through _Steps, and the handle as its
+    # done callback; no per-task cancel scope: task.cancel() is the scope on
+    # asyncio.
+    task: asyncio.Task[Any] = loop.create_task(_Steps(handle), name=handle._name)  # type: ignore[arg-type]
     handle._task = task
     handle._state = RUNNING
     handle._started = time.monotonic()

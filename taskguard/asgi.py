@@ -226,7 +226,9 @@ class _Request:
         self.channel_out: MemoryObjectReceiveStream[Message] | None = None
         self.pump_done: anyio.Event | None = None
         self.receive_lock: anyio.Lock | None = None
-        self.helpers: list[tuple[anyio.CancelScope, object]] = []
+        # running helper tasks by their cancel scope; each removes itself when it
+        # ends (on trio every chunk is sent from a helper of its own)
+        self.helpers: dict[anyio.CancelScope, object] = {}
         self.pending: list[Message] = []
         self.disconnected = False
 
@@ -245,10 +247,14 @@ class _Request:
             cancelled = _is_cancellation(exc)
             raise
         finally:
-            if self.helpers:  # e.g. the server cancelled the request mid-stream
+            if self.channel is not None:  # e.g. the server cancelled the request mid-stream
                 self._stop_helpers()
             section._detach(cancelled)
-        if section._cut and self.app_scope.cancelled_caught:
+        stream = self.control.stream
+        if section._cut and (
+            self.app_scope.cancelled_caught
+            or (stream is not None and stream.outcome is not StreamOutcome.COMPLETED)
+        ):
             # As `async with guard.guarded()` does: the code after it (here the
             # server) must not take the request for complete.
             raise ShuttingDownError(f"request {section.name!r} was cut at the shutdown deadline")
@@ -358,16 +364,19 @@ class _Request:
         scope = anyio.CancelScope()
 
         async def run() -> None:
-            with scope:
-                try:
-                    await fn()
-                except Exception:  # a helper's failure must not end the loop (trio)
-                    logger.exception("%s of %r failed", name, self.control.stream)
+            try:
+                with scope:
+                    try:
+                        await fn()
+                    except Exception:  # a helper's failure must not end the loop (trio)
+                        logger.exception("%s of %r failed", name, self.control.stream)
+            finally:
+                self.helpers.pop(scope, None)
 
         backend = self.control.guard._backend
         assert backend is not None
-        # Strong reference until the request ends.
-        self.helpers.append((scope, backend.start_system_task(run, name=name)))
+        # A strong reference while it runs.
+        self.helpers[scope] = backend.start_system_task(run, name=name)
 
     def _stop_helpers(self) -> None:
         """End the stream if it is still open, close its channel, and cancel the
@@ -377,7 +386,7 @@ class _Request:
             stream.stop()
         if self.channel is not None:
             self.channel.close()
-        for scope, _task in self.helpers:
+        for scope in list(self.helpers):
             scope.cancel()
 
     async def _pump(self, stream: GuardedStream[Message], send: Send) -> None:

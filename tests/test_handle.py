@@ -182,3 +182,42 @@ async def test_waiting_on_a_task_that_shutdown_abandons_does_not_hang() -> None:
     finally:
         release[0] = True
         await anyio.sleep(0.05)
+
+
+def test_tasks_complete_under_asyncio_debug_mode() -> None:
+    # Debug mode checks every callback; the handle (the task's done callback)
+    # must not look like a coroutine, or no task would ever be accounted.
+    import asyncio
+
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def main() -> tuple[int, TaskHandle[int], TaskGuard]:
+        async with TaskGuard(exit_wait_timeout=5) as guard:
+            handle = guard.spawn(answer)
+            with anyio.fail_after(2):
+                result = await handle.wait()
+        return result, handle, guard
+
+    result, handle, guard = asyncio.run(main(), debug=True)
+    assert result == 42
+    assert handle.state == "completed"
+    assert guard.report.clean
+    assert guard.report.groups["default"].completed == 1
+
+
+async def test_a_handle_is_not_a_coroutine_and_spawn_refuses_it() -> None:
+    import asyncio
+    import inspect
+
+    async def job() -> None:
+        await anyio.sleep(0)
+
+    async with TaskGuard() as guard:
+        handle = guard.spawn(job)
+        assert not asyncio.iscoroutine(handle)
+        assert not inspect.isawaitable(handle)
+        with pytest.raises(TypeError, match="got a TaskHandle"):
+            guard.spawn(handle)  # type: ignore[call-overload]
+        await handle.wait()
