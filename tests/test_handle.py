@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from helpers_reliability import Release
 
 from taskguard import TaskCancelledError, TaskGuard, TaskHandle
 
@@ -147,14 +148,10 @@ async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend: str) ->
 
 
 async def test_waiting_on_a_task_that_shutdown_abandons_does_not_hang() -> None:
-    release = [False]
+    release = Release()
 
     async def swallows_cancellation() -> None:
-        while not release[0]:
-            try:
-                await anyio.sleep(0.02)
-            except anyio.get_cancelled_exc_class():
-                pass
+        await release.swallow_cancellation()
 
     outcome: list[BaseException] = []
 
@@ -180,7 +177,7 @@ async def test_waiting_on_a_task_that_shutdown_abandons_does_not_hang() -> None:
         with pytest.raises(TaskCancelledError, match="abandoned"):
             await handle.wait()  # and a late waiter is told at once
     finally:
-        release[0] = True
+        release.set()
         await anyio.sleep(0.05)
 
 
