@@ -23,6 +23,7 @@ EXAMPLE_JOB_SECONDS (2), EXAMPLE_SEND_TIMEOUT (5).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator
@@ -35,6 +36,15 @@ from fastapi.responses import StreamingResponse
 
 import taskguard
 from taskguard.asgi import StreamControl, TaskGuardMiddleware, stream_control
+
+# Show taskguard's shutdown progress and report next to the server's own log
+# (servers configure their loggers, not the "taskguard" one).
+_log = logging.getLogger("taskguard")
+if not _log.handlers:
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("[taskguard] %(levelname)s %(message)s"))
+    _log.addHandler(_handler)
+    _log.setLevel(logging.INFO)
 
 DB = os.environ.get("EXAMPLE_DB", "example.sqlite3")
 JOB_SECONDS = float(os.environ.get("EXAMPLE_JOB_SECONDS", "2"))

@@ -91,6 +91,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the server process, give SIGINT its default action, as in a terminal.
+
+    A shell starts background jobs with SIGINT ignored, and children inherit
+    that: under a CI runner started in the background, Python would then leave
+    SIGINT ignored, trio would install no Ctrl-C handler, and the SIGINT test
+    would hang on the test environment, not on the server.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     def __init__(self, mode: str, tmp: Path) -> None:
         self.mode = mode
@@ -122,7 +133,12 @@ class Server:
         }
         self.logfile = self.log.open("wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self.logfile, stderr=subprocess.STDOUT
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=self.logfile,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_ctrl_c_as_in_a_terminal,
         )
         self._wait_ready()
 
