@@ -62,12 +62,12 @@ class Group:
 
     def submit(self, handle: TaskHandle[Any]) -> None:
         """Start ``handle`` now, or queue it when the group is at its limit."""
+        self._guard._live += 1  # first: an eager task may end inside the start
         if self.limit is not None and len(self.running) >= self.limit:
             self.pending.append(handle)
         else:
             self.running[handle] = None
             self._guard._start(handle)  # the backend's start, bound when the guard started
-        self._guard._live += 1
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
         """Account for a finished task; start the next pending one. Runs on the loop."""

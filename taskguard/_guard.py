@@ -310,8 +310,8 @@ class TaskGuard(HookRegistry, SectionRegistry):
         handle: TaskHandle[Any] = TaskHandle(grp, coro, name)
         if grp.limit is None:  # Group.submit's common case, inlined: spawn is on every request
             grp.running[handle] = None
+            self._live += 1  # before the start: an eager task may end inside it
             self._start(handle)
-            self._live += 1
         else:
             grp.submit(handle)
         return handle

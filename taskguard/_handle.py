@@ -153,69 +153,41 @@ class TaskHandle(Generic[T]):
         if self._event is not None:
             self._event.set()
 
-    def _asyncio_done(self, task: asyncio.Task[Any]) -> None:
-        if task.cancelled():
-            # Cancelled before it ever ran: close the coroutine (no "never
-            # awaited" warning). A no-op otherwise.
-            self._coro.close()
+    def _asyncio_ended(self, exc: BaseException) -> None:
+        """An asyncio task of the guard ended by an exception (see ``_Steps``)."""
+        if isinstance(exc, asyncio.CancelledError):
             self._finish(CANCELLED, None, None)
-            return
-        exc = task.exception()  # also marks it retrieved: no "never retrieved" log
-        if exc is not None:
-            self._finish(FAILED, None, exc)
-            return
-        result = task.result()
-        if result is _BASE_EXIT:
-            self._finish(FAILED, None, self._exc)
-            return
-        # The common case, _finish and Group.task_done inlined (once per task).
-        self._state = COMPLETED
-        self._result = result
-        self._task = None  # drop the task: its frame may hold large locals
-        grp = self._group
-        if grp.pending:
-            grp.task_done(self)
         else:
-            grp.running.pop(self, None)
-            grp.completed += 1
-            guard = grp._guard
-            guard._live -= 1
-            if not guard._live and guard._wake is not None:
-                guard._wake.set()
-        if self._event is not None:
-            self._event.set()
-
-    # The handle itself is the task's done callback: a bound method would be
-    # one more object per pending task, and the garbage collector's cost grows
-    # with the tracked objects per task (measured: 2.1x -> 1.4x raw at N=10k).
-    __call__ = _asyncio_done
+            self._finish(FAILED, None, exc)
 
 
 _CANCEL_ON_START = object()
 
 
-_BASE_EXIT = object()
-
-
 class _Steps:
     """What an asyncio task of the guard runs: its coroutine, step by step.
 
-    asyncio re-raises KeyboardInterrupt and SystemExit out of the event loop
-    when a task raises them: one background task would end the app and lose
-    the other tasks' accounting. To keep them inside the task (as on trio,
-    where they are that task's failure), ``send``/``throw`` pass each step on
-    to the coroutine and turn those two into the task's end, recorded on the
-    handle. A wrapper coroutine (``async def: return await coro``) does the
-    same at the cost of a coroutine and a frame per task (measured: ~200 bytes
-    more per pending task, and a slower spawn).
+    It does two jobs that would otherwise take a wrapper coroutine and a done
+    callback per task (measured: ~200 bytes more per pending task, and the
+    callback alone is one more event-loop turn per task at its end):
+
+    - the bookkeeping: when the coroutine returns or raises, ``send``/``throw``
+      record the outcome on the handle and account for it in its group, at
+      once, inside the task's last step;
+    - containment: asyncio re-raises KeyboardInterrupt and SystemExit out of
+      the event loop when a task raises them, so one background task would end
+      the app and lose the other tasks' accounting. Here a failure (any
+      exception but a cancellation) is recorded on the handle, which is where
+      it is reported and re-raised by ``wait()``, and the loop task itself
+      ends normally (as on trio, where such an error is that task's failure;
+      it also means asyncio never logs "exception was never retrieved").
+      A cancellation is re-raised, so the loop task ends cancelled.
 
     Registered as a ``collections.abc.Coroutine`` (``asyncio.Task`` drives any
     such object through ``send``/``throw``). It is private on purpose: the
     handle must not look like a coroutine (``asyncio.gather(handle)`` would run
-    the coroutine twice, and debug-mode asyncio refuses coroutines as
-    callbacks, which the handle is). ``cr_*`` and ``__name__`` are the
-    coroutine's, so stacks, task reprs and ``inspect.getcoroutinestate`` see
-    through it.
+    the coroutine twice). ``cr_*`` and ``__name__`` are the coroutine's, so
+    stacks, task reprs and ``inspect.getcoroutinestate`` see through it.
     """
 
     __slots__ = ("_coro", "_handle")
@@ -227,18 +199,44 @@ class _Steps:
     def send(self, value: object) -> Any:
         try:
             return self._coro.send(value)
-        except (KeyboardInterrupt, SystemExit) as exc:
-            self._handle._exc = exc
-            raise StopIteration(_BASE_EXIT) from None
+        except StopIteration as stop:
+            # The common end, _finish and Group.task_done inlined (once per task).
+            handle = self._handle
+            handle._state = COMPLETED
+            handle._result = stop.value
+            handle._task = None  # drop the task: its frame may hold large locals
+            grp = handle._group
+            if grp.pending:
+                grp.task_done(handle)
+            else:
+                grp.running.pop(handle, None)
+                grp.completed += 1
+                guard = grp._guard
+                guard._live -= 1
+                if not guard._live and guard._wake is not None:
+                    guard._wake.set()
+            if handle._event is not None:
+                handle._event.set()
+            raise StopIteration from None  # the result stays on the handle, not the task
+        except BaseException as exc:
+            self._handle._asyncio_ended(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise StopIteration from None
 
     def throw(self, exc: Any, value: Any = None, tb: Any = None) -> Any:
         try:
             if value is None and tb is None:
                 return self._coro.throw(exc)
             return self._coro.throw(exc, value, tb)  # pragma: no cover - old signature
-        except (KeyboardInterrupt, SystemExit) as base_exit:
-            self._handle._exc = base_exit
-            raise StopIteration(_BASE_EXIT) from None
+        except StopIteration as stop:  # it caught the exception and returned
+            self._handle._finish(COMPLETED, stop.value, None)
+            raise StopIteration from None
+        except BaseException as error:
+            self._handle._asyncio_ended(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            raise StopIteration from None
 
     def close(self) -> None:
         self._coro.close()
@@ -272,14 +270,17 @@ collections.abc.Coroutine.register(_Steps)
 
 
 def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> None:
-    # A loop task running the coroutine through _Steps, and the handle as its
-    # done callback; no per-task cancel scope: task.cancel() is the scope on
-    # asyncio.
-    task: asyncio.Task[Any] = loop.create_task(_Steps(handle), name=handle._name)  # type: ignore[arg-type]
-    handle._task = task
+    # A loop task running the coroutine through _Steps, which also does the
+    # bookkeeping at its end (no done callback); no per-task cancel scope:
+    # task.cancel() is the scope on asyncio.
+    # The handle counts as running first: under an eager task factory
+    # (Python 3.12+) create_task runs the first step, maybe the whole task,
+    # before it returns.
     handle._state = RUNNING
     handle._started = time.monotonic()
-    task.add_done_callback(handle)
+    task: asyncio.Task[Any] = loop.create_task(_Steps(handle), name=handle._name)  # type: ignore[arg-type]
+    if handle._state is RUNNING:
+        handle._task = task
 
 
 def start_trio(handle: TaskHandle[Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import anyio
 import pytest
 from helpers_reliability import Release
@@ -182,8 +184,8 @@ async def test_waiting_on_a_task_that_shutdown_abandons_does_not_hang() -> None:
 
 
 def test_tasks_complete_under_asyncio_debug_mode() -> None:
-    # Debug mode checks every callback; the handle (the task's done callback)
-    # must not look like a coroutine, or no task would ever be accounted.
+    # Debug mode checks coroutines and callbacks more strictly (an earlier
+    # version, with the handle as the done callback, never accounted a task).
     import asyncio
 
     async def answer() -> int:
@@ -218,3 +220,73 @@ async def test_a_handle_is_not_a_coroutine_and_spawn_refuses_it() -> None:
         with pytest.raises(TypeError, match="got a TaskHandle"):
             guard.spawn(handle)  # type: ignore[call-overload]
         await handle.wait()
+
+
+def test_a_failed_task_is_accounted_and_asyncio_logs_nothing_about_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The failure is the handle's (reported, re-raised by wait()); the loop
+    # task itself ends normally, so asyncio has no "exception was never
+    # retrieved" to log when it is collected.
+    import asyncio
+    import gc
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise LookupError("boom")
+
+    async def main() -> TaskHandle[None]:
+        async with TaskGuard() as guard:
+            handle = guard.spawn(fails)
+            with pytest.raises(LookupError):
+                await handle.wait()
+            assert handle.state == "failed"
+            assert guard.stats().groups["default"].running == 0  # accounted at its end
+        return handle
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+        gc.collect()
+    asyncio_records = [r for r in caplog.records if r.name == "asyncio"]
+    assert asyncio_records == []
+    assert any("failed" in r.getMessage() for r in caplog.records if r.name == "taskguard")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+def test_tasks_are_accounted_under_an_eager_task_factory() -> None:
+    # An eager task runs its first step inside create_task, so a task with no
+    # await ends before spawn() returns: the accounting must already hold it.
+    import asyncio
+
+    async def at_once() -> int:
+        return 1
+
+    async def later() -> int:
+        await asyncio.sleep(0)
+        return 2
+
+    async def fails_at_once() -> None:
+        raise LookupError("eager")
+
+    async def main() -> TaskGuard:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        async with TaskGuard(exit_wait_timeout=5, groups={"one": {"limit": 1}}) as guard:
+            first = guard.spawn(at_once)
+            assert first.state == "completed"  # it ran inside spawn()
+            assert await first.wait() == 1
+            assert await guard.spawn(later).wait() == 2
+            failed = guard.spawn(fails_at_once)
+            assert failed.state == "failed"
+            assert guard.stats().groups["default"].running == 0
+            # a limit of one: the pending ones start (and end) inside the first one's end
+            limited = [guard.spawn(later, group="one")]
+            limited += [guard.spawn(at_once, group="one") for _ in range(2)]
+            assert [h.state for h in limited] == ["running", "pending", "pending"]
+            assert [await h.wait() for h in limited] == [2, 1, 1]
+        return guard
+
+    guard = asyncio.run(main())
+    assert guard.report.groups["default"].completed == 2
+    assert guard.report.groups["default"].failed == 1
+    assert guard.report.groups["one"].completed == 3
+    assert guard.report.clean
