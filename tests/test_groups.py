@@ -78,6 +78,29 @@ async def test_a_failing_task_leaves_siblings_running(caplog: pytest.LogCaptureF
     assert any(r.exc_info and r.exc_info[0] is ValueError for r in logged)
 
 
+async def test_the_error_handler_sees_the_failed_tasks_context_variables() -> None:
+    # It runs inside the task as it ends (on both backends), so what the task
+    # set, e.g. a request id for the log, is there.
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    seen: list[str] = []
+
+    def on_error(exc: BaseException, handle: Any) -> None:
+        seen.append(request_id.get())
+
+    async def fails() -> None:
+        request_id.set("req-42")
+        await anyio.sleep(0)
+        raise ValueError("bad")
+
+    async with TaskGuard(error_handler=on_error) as guard:
+        with pytest.raises(ValueError):
+            await guard.spawn(fails).wait()
+    assert seen == ["req-42"]
+    assert request_id.get() == "-"  # the spawner's context is untouched
+
+
 async def test_an_error_handler_that_raises_is_survived(caplog: pytest.LogCaptureFixture) -> None:
     def broken_handler(exc: BaseException, handle: Any) -> None:
         raise RuntimeError("handler bug")
