@@ -125,8 +125,9 @@ class GuardConfig(BaseModel):
     #: the whole drain, counted from the shutdown trigger (includes drain_delay
     #: and the before_drain hooks)
     exit_wait_timeout: PositiveSeconds = 30.0
-    #: after the exit wait: how long cancelled work may take to unwind before it
-    #: is abandoned and reported stuck
+    #: how long cancelled work may take to unwind before it is abandoned and
+    #: reported stuck: after the exit wait, and during the drain for tasks
+    #: cancelled there (cancel groups, drain groups at their timeout)
     cancel_grace: Seconds = 5.0
     #: default timeout of each shutdown hook and resource exit
     hook_timeout: PositiveSeconds = 10.0

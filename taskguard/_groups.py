@@ -14,12 +14,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Group"]
 
+_GONE = object()
+
 
 class Group:
     """Bookkeeping of one group: running and pending tasks, and lifetime counts."""
 
     __slots__ = (
         "_guard",
+        "abandoned",
         "cancelled",
         "closed",
         "completed",
@@ -52,6 +55,9 @@ class Group:
         # removes in O(1).
         self.running: dict[TaskHandle[Any], None] = {}
         self.pending: deque[TaskHandle[Any]] = deque()
+        #: tasks shutdown gave up on (they ignored their cancellation): no longer
+        #: counted as running; their late end changes no count
+        self.abandoned: set[TaskHandle[Any]] = set()
         self.completed = self.failed = self.cancelled = self.cut = 0
         self.refused = self.stuck = 0
         #: set when the group's drain timeout passed: it refuses new work
@@ -71,6 +77,9 @@ class Group:
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
         """Account for a finished task; start the next pending one. Runs on the loop."""
+        if handle in self.abandoned:  # already accounted as stuck
+            self.abandoned.discard(handle)
+            return
         self.running.pop(handle, None)
         state = handle._state
         if state is CANCELLED:
@@ -101,6 +110,16 @@ class Group:
         handle._cut = cut
         handle._coro.close()  # no "coroutine was never awaited" warning
         handle._finish(CANCELLED, None, None)
+
+    def abandon(self, handle: TaskHandle[Any]) -> None:
+        """Stop waiting for a running task that ignored its cancellation: it counts as
+        stuck, and its waiters get TaskCancelledError (it keeps a strong reference)."""
+        if self.running.pop(handle, _GONE) is _GONE:
+            return
+        self.abandoned.add(handle)
+        self.stuck += 1
+        self._guard._live -= 1
+        handle._abandoned()
 
     def cancel_all(self, cut: bool) -> None:
         """Cancel every running and pending task (``cut``: they were cut by a deadline)."""

@@ -206,7 +206,7 @@ class _Steps:
             handle._result = stop.value
             handle._task = None  # drop the task: its frame may hold large locals
             grp = handle._group
-            if grp.pending:
+            if grp.pending or grp.abandoned:
                 grp.task_done(handle)
             else:
                 grp.running.pop(handle, None)

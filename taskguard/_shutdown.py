@@ -2,7 +2,8 @@
 
 draining (ready=False, drain_delay) → before_drain hooks → streams end →
 cancel groups cancelled, drain groups / pending work / guarded sections awaited
-(each group within its timeout, all within the exit wait) → stopping (cancel
+(each group within its timeout, all within the exit wait; a task cancelled here
+is abandoned if it has not ended within cancel_grace) → stopping (cancel
 what is left, wait cancel_grace, abandon and report what still runs) →
 after_drain hooks and resources, last first → closed (report built and logged).
 """
@@ -21,6 +22,7 @@ from ._hooks import Hook, run_hook
 from ._report import HookReport, SectionReport, ShutdownReport, State, StuckTask
 
 if TYPE_CHECKING:
+    from ._groups import Group
     from ._guard import TaskGuard
 
 __all__ = ["Shutdown"]
@@ -134,14 +136,20 @@ class Shutdown:
                 await self._sleep_until(anyio.current_time() + cfg.stream_grace)
             for stream in list(guard._streams):
                 stream._interrupt()
+        # Cancelled tasks get cancel_grace to unwind; one that ignores its
+        # cancellation is abandoned then, rather than holding the drain (and so
+        # the whole shutdown) until the exit wait.
+        unwind_by: dict[Group, float] = {}
         for grp in guard._groups.values():
             if not grp.drains:
                 grp.cancel_all(cut=False)
-        await self._wait_drained()
+                if grp.running:
+                    unwind_by[grp] = anyio.current_time() + cfg.cancel_grace
+        await self._wait_drained(unwind_by)
         self._end_phase("drain")
 
-    async def _wait_drained(self) -> None:
-        guard = self.guard
+    async def _wait_drained(self, unwind_by: dict[Group, float]) -> None:
+        guard, cancel_grace = self.guard, self.guard.config.cancel_grace
         group_deadlines = {
             grp: self.started + grp.config.timeout
             for grp in guard._groups.values()
@@ -163,11 +171,17 @@ class Shutdown:
                             len(grp),
                         )
                         grp.cancel_all(cut=True)
+                        if grp.running:
+                            unwind_by[grp] = now + cancel_grace
                     grp.closed = True  # its deadline passed: it takes no new work
+            for grp, when in list(unwind_by.items()):
+                if now >= when:
+                    del unwind_by[grp]
+                    self._abandon_tasks(grp)
             if now >= next_log:
                 self._log_progress(now)
                 next_log = now + PROGRESS_INTERVAL
-            wake_at = min([self.deadline, next_log, *group_deadlines.values()])
+            wake_at = min([self.deadline, next_log, *group_deadlines.values(), *unwind_by.values()])
             self._rearm()
             if guard._idle():
                 break
@@ -235,16 +249,8 @@ class Shutdown:
         assert guard._backend is not None
         now = time.monotonic()
         for grp in guard._groups.values():
-            for handle in list(grp.running):
-                grp.stuck += 1
-                stack = guard._backend.task_stack(handle._task)
-                self.stuck.append(
-                    StuckTask(
-                        name=handle.name, group=grp.name, age=now - handle._started, stack=stack
-                    )
-                )
-                _ABANDONED.append(handle)
-                handle._abandoned()
+            self._abandon_tasks(grp)
+        first_section = len(self.stuck)
         for section in list(guard._sections):
             guard._sections.pop(section)
             guard._section_counts["stuck"] += 1
@@ -267,14 +273,31 @@ class Shutdown:
                     stack=guard.thread_stack(section),
                 )
             )
-        for item in self.stuck:
-            logger.error(
-                "abandoned %s (%s) after %.1fs; it ignored cancellation. Stack:\n%s",
-                item.name,
-                item.group,
-                item.age,
-                item.stack,
-            )
+        for item in self.stuck[first_section:]:
+            self._log_stuck(item)
+
+    def _abandon_tasks(self, grp: Group) -> None:
+        """Give up on the group's running tasks (cancelled, past the cancel grace)."""
+        guard = self.guard
+        assert guard._backend is not None
+        now = time.monotonic()
+        for handle in list(grp.running):
+            stack = guard._backend.task_stack(handle._task)
+            age = now - handle._started
+            item = StuckTask(name=handle.name, group=grp.name, age=age, stack=stack)
+            self.stuck.append(item)
+            _ABANDONED.append(handle)
+            grp.abandon(handle)
+            self._log_stuck(item)
+
+    def _log_stuck(self, item: StuckTask) -> None:
+        logger.error(
+            "abandoned %s (%s) after %.1fs; it ignored cancellation. Stack:\n%s",
+            item.name,
+            item.group,
+            item.age,
+            item.stack,
+        )
 
     async def _after_drain_phase(self) -> None:
         await self._run_hooks("after_drain", bounded=False)

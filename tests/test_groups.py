@@ -95,7 +95,7 @@ async def test_the_error_handler_sees_the_failed_tasks_context_variables() -> No
         raise ValueError("bad")
 
     async with TaskGuard(error_handler=on_error) as guard:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="bad"):
             await guard.spawn(fails).wait()
     assert seen == ["req-42"]
     assert request_id.get() == "-"  # the spawner's context is untouched
@@ -233,6 +233,56 @@ async def test_per_group_timeout_cuts_only_that_group() -> None:
     assert report.groups["quick"].cut == 1
     assert report.groups["patient"].completed == 2
     assert not report.clean
+
+
+@pytest.mark.parametrize("how", ["cancel group", "drain group timeout"])
+async def test_a_cancelled_task_ignoring_it_is_abandoned_after_the_grace_not_the_exit_wait(
+    how: str,
+) -> None:
+    # Cancelled during the drain (a cancel group at its start, a drain group at
+    # its timeout), it gets cancel_grace to unwind; then it is reported stuck
+    # and the shutdown goes on instead of waiting out the 30 s exit wait.
+    from helpers_reliability import Release
+
+    from taskguard import TaskCancelledError
+
+    release = Release()
+
+    async def stubborn() -> str:
+        return await release.swallow_cancellation()
+
+    async def mail() -> str:
+        await anyio.sleep(0.05)
+        return "sent"
+
+    group = GroupConfig(on_shutdown="cancel") if how == "cancel group" else GroupConfig(timeout=0.1)
+    guard = TaskGuard(exit_wait_timeout=30, cancel_grace=0.2, groups={"side": group})
+    start = time.monotonic()
+    try:
+        with anyio.fail_after(10):
+            async with guard:
+                handle = guard.spawn(stubborn, group="side")
+                sent = guard.spawn(mail)
+                await anyio.sleep(0.02)
+        took = time.monotonic() - start
+        assert took < 0.1 + 0.2 + 2.0, took  # not the 30 s exit wait
+        report = guard.report
+        assert release.swallowed >= 1
+        assert [(s.name, s.group) for s in report.stuck] == [("stubborn", "side")]
+        assert report.groups["side"].stuck == 1
+        assert report.phases.get("stopping", 0.0) < 0.1  # the drain ended: nothing left to cut
+        assert await sent.wait() == "sent"
+        assert not report.clean
+        with pytest.raises(TaskCancelledError, match="abandoned"):
+            await handle.wait()
+    finally:
+        release.set()
+    with anyio.fail_after(2):
+        while not handle.done():
+            await anyio.sleep(0.01)
+    assert await handle.wait() == "released"  # its real end, once it came
+    assert guard.stats().groups["side"].running == 0
+    assert guard.report.groups["side"].completed == 0  # not counted twice
 
 
 async def test_unknown_group_is_created_with_defaults() -> None:
