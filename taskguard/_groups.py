@@ -22,6 +22,7 @@ class Group:
 
     __slots__ = (
         "_guard",
+        "_pumping",
         "abandoned",
         "cancelled",
         "closed",
@@ -62,6 +63,7 @@ class Group:
         self.refused = self.stuck = 0
         #: set when the group's drain timeout passed: it refuses new work
         self.closed = False
+        self._pumping = False
 
     def __len__(self) -> int:
         return len(self.running) + len(self.pending)
@@ -77,11 +79,14 @@ class Group:
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
         """Account for a finished task; start the next pending one. Runs on the loop."""
+        state = handle._state
+        guard = self._guard
         if handle in self.abandoned:  # already accounted as stuck
             self.abandoned.discard(handle)
+            if state is FAILED:  # still logged and handed to the error_handler
+                guard._task_failed(handle)
             return
         self.running.pop(handle, None)
-        state = handle._state
         if state is CANCELLED:
             self.cancelled += 1
             if handle._cut:
@@ -90,16 +95,35 @@ class Group:
             self.failed += 1
         else:
             self.completed += 1
-        if self.pending and (self.limit is None or len(self.running) < self.limit):
-            nxt = self.pending.popleft()
-            self.running[nxt] = None
-            self._guard._start(nxt)
-        guard = self._guard
+        if self.pending:
+            self._start_pending()
         guard._live -= 1
         if not guard._live and guard._wake is not None:
             guard._wake.set()
         if state is FAILED:  # last: the bookkeeping above is done whatever the handler does
             guard._task_failed(handle)
+
+    def _start_pending(self) -> None:
+        """Start pending tasks while the limit allows, in order.
+
+        A loop guarded by a flag, not a call per ended task: under an eager
+        task factory a started task may end inside ``_start``, and its end
+        would start the next one from within, one level deeper per task.
+        """
+        if self._pumping:
+            return  # an outer call's loop picks up the freed slot
+        self._pumping = True
+        try:
+            while self.pending and (self.limit is None or len(self.running) < self.limit):
+                nxt = self.pending.popleft()
+                self.running[nxt] = None
+                try:
+                    self._guard._start(nxt)
+                except BaseException as exc:  # e.g. the loop is closing: the task failed
+                    nxt._coro.close()
+                    nxt._finish(FAILED, None, exc)
+        finally:
+            self._pumping = False
 
     def drop_pending(self, handle: TaskHandle[Any], cut: bool = False) -> None:
         """Cancel a task that never started: it is closed, not run."""
@@ -127,6 +151,10 @@ class Group:
             self.drop_pending(self.pending[-1], cut=cut)
         for handle in list(self.running):
             handle._cut = cut and self.drains
+            handle.cancel()
+        # Abandoned ones too: on asyncio a task that swallowed one cancellation
+        # is not cancelled again unless asked again.
+        for handle in list(self.abandoned):
             handle.cancel()
 
     def report(self) -> GroupReport:

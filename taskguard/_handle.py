@@ -281,6 +281,9 @@ def start_asyncio(loop: asyncio.AbstractEventLoop, handle: TaskHandle[Any]) -> N
     task: asyncio.Task[Any] = loop.create_task(_Steps(handle), name=handle._name)  # type: ignore[arg-type]
     if handle._state is RUNNING:
         handle._task = task
+        if handle._scope is _CANCEL_ON_START:  # cancel() ran during an eager first step
+            handle._scope = None
+            task.cancel()
 
 
 def start_trio(handle: TaskHandle[Any]) -> None:

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from ._hooks import Hook, run_hook
 from ._report import HookReport, SectionReport, ShutdownReport, State, StuckTask
@@ -145,6 +146,8 @@ class Shutdown:
                 grp.cancel_all(cut=False)
                 if grp.running:
                     unwind_by[grp] = anyio.current_time() + cfg.cancel_grace
+        if unwind_by:
+            await _let_cancellations_land()
         await self._wait_drained(unwind_by)
         self._end_phase("drain")
 
@@ -160,6 +163,7 @@ class Shutdown:
             now = anyio.current_time()
             if now >= self.deadline:
                 break
+            cut_any = False
             for grp, when in list(group_deadlines.items()):
                 if now >= when:
                     del group_deadlines[grp]
@@ -173,11 +177,24 @@ class Shutdown:
                         grp.cancel_all(cut=True)
                         if grp.running:
                             unwind_by[grp] = now + cancel_grace
+                            cut_any = True
                     grp.closed = True  # its deadline passed: it takes no new work
-            for grp, when in list(unwind_by.items()):
-                if now >= when:
+            if cut_any:
+                await _let_cancellations_land()
+                continue  # look again: what unwound is accounted
+            expired = [grp for grp, when in unwind_by.items() if now >= when]
+            if expired:
+                # Cancel once more first: asyncio delivers a cancellation once, so
+                # a task that swallowed it and awaits again would never see another
+                # (on trio a cancelled scope keeps raising at every checkpoint).
+                for grp in expired:
                     del unwind_by[grp]
+                    for handle in list(grp.running):
+                        handle.cancel()
+                await _let_cancellations_land()
+                for grp in expired:
                     self._abandon_tasks(grp)
+                continue
             if now >= next_log:
                 self._log_progress(now)
                 next_log = now + PROGRESS_INTERVAL
@@ -232,6 +249,7 @@ class Shutdown:
             section._cut = True
             if section._scope is not None:
                 section._scope.cancel()
+        await _let_cancellations_land()
         grace_end = anyio.current_time() + cfg.cancel_grace
         while not guard._idle():
             delay = grace_end - anyio.current_time()
@@ -353,6 +371,15 @@ class Shutdown:
         )
         guard._report = report
         (logger.info if report.clean else logger.warning)("%s", report.summary())
+
+
+async def _let_cancellations_land() -> None:
+    """Give just-cancelled work a chance to unwind before anything is judged stuck,
+    even with ``cancel_grace=0``: two passes of the event loop. One is not always
+    enough on trio, which may run a batch of ready tasks in reverse order, so the
+    supervisor could run before the task its cancellation woke."""
+    await anyio.lowlevel.checkpoint()
+    await anyio.lowlevel.checkpoint()
 
 
 #: Tasks the guard gave up on. Strong references, so they are never garbage

@@ -285,6 +285,97 @@ async def test_a_cancelled_task_ignoring_it_is_abandoned_after_the_grace_not_the
     assert guard.report.groups["side"].completed == 0  # not counted twice
 
 
+@pytest.mark.parametrize("how", ["cancel group", "drain group timeout", "exit wait"])
+async def test_with_no_cancel_grace_a_task_that_unwinds_at_once_is_not_called_stuck(
+    how: str,
+) -> None:
+    # cancel_grace=0 still lets a cancellation land before anything is judged stuck.
+    ended: list[str] = []
+
+    async def polite() -> None:
+        try:
+            await anyio.sleep(3600)
+        finally:
+            ended.append("unwound")
+
+    group = {
+        "cancel group": GroupConfig(on_shutdown="cancel"),
+        "drain group timeout": GroupConfig(timeout=0.05),
+        "exit wait": GroupConfig(),
+    }[how]
+    exit_wait = 0.1 if how == "exit wait" else 30
+    guard = TaskGuard(exit_wait_timeout=exit_wait, cancel_grace=0, groups={"side": group})
+    with anyio.fail_after(10):
+        async with guard:
+            handle = guard.spawn(polite, group="side")
+            await anyio.sleep(0.02)
+    assert ended == ["unwound"]
+    assert handle.state == "cancelled"
+    assert guard.report.stuck == []
+    assert guard.report.groups["side"].cancelled == 1
+    assert guard.report.clean is (how == "cancel group")  # a drain task cut is not clean
+
+
+async def test_a_task_that_swallows_one_cancellation_is_cancelled_again_not_abandoned() -> None:
+    # asyncio delivers a cancellation once: swallowed, the next await would run
+    # on; the guard cancels once more before it judges a task stuck.
+    order: list[str] = []
+
+    async def swallows_once() -> None:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            order.append("swallowed")
+        try:
+            await anyio.sleep(3600)
+        finally:
+            order.append("ended")
+
+    side = GroupConfig(on_shutdown="cancel")
+    guard = TaskGuard(exit_wait_timeout=30, cancel_grace=0.1, groups={"side": side})
+    with anyio.fail_after(10):
+        async with guard:
+            guard.spawn(swallows_once, group="side")
+            await anyio.sleep(0.02)
+    assert order == ["swallowed", "ended"]
+    assert guard.report.stuck == []
+    assert guard.report.groups["side"].cancelled == 1
+
+
+async def test_an_abandoned_task_that_fails_later_is_still_logged_and_handled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from helpers_reliability import Release
+
+    release = Release()
+    handled: list[str] = []
+
+    async def stubborn_then_fails() -> None:
+        await release.swallow_cancellation()
+        raise LookupError("late failure")
+
+    guard = TaskGuard(
+        exit_wait_timeout=30,
+        cancel_grace=0.1,
+        groups={"side": {"on_shutdown": "cancel"}},
+        error_handler=lambda exc, handle: handled.append(repr(exc)),
+    )
+    try:
+        with anyio.fail_after(10):
+            async with guard:
+                handle = guard.spawn(stubborn_then_fails, group="side")
+                await anyio.sleep(0.02)
+        assert guard.report.groups["side"].stuck == 1
+    finally:
+        release.set()
+    with anyio.fail_after(2):
+        while not handle.done():
+            await anyio.sleep(0.01)
+    assert handle.state == "failed"
+    assert handled == ["LookupError('late failure')"]
+    assert "'stubborn_then_fails' (group 'side') failed" in caplog.text
+
+
 async def test_unknown_group_is_created_with_defaults() -> None:
     async def job() -> int:
         return 1

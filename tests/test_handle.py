@@ -290,3 +290,62 @@ def test_tasks_are_accounted_under_an_eager_task_factory() -> None:
     assert guard.report.groups["default"].failed == 1
     assert guard.report.groups["one"].completed == 3
     assert guard.report.clean
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+def test_an_eager_limited_group_starts_thousands_of_pending_tasks_without_recursion() -> None:
+    # Each pending task ends in its first step, inside the start of the one
+    # before: started one level deeper each, 2,000 of them hit the recursion
+    # limit and the accounting was lost (found in review).
+    import asyncio
+
+    async def at_once() -> int:
+        return 1
+
+    async def main() -> TaskGuard:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        release = asyncio.Event()
+        async with TaskGuard(exit_wait_timeout=5, groups={"one": {"limit": 1}}) as guard:
+            guard.spawn(release.wait, group="one")
+            handles = [guard.spawn(at_once, group="one") for _ in range(2_000)]
+            release.set()
+            await asyncio.sleep(0)
+            assert all(h.state == "completed" for h in handles)
+            assert guard.stats().groups["one"].pending == 0
+        return guard
+
+    report = asyncio.run(main()).report
+    assert report.groups["one"].completed == 2_001
+    assert report.clean
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+")
+def test_a_handle_cancelled_during_its_eager_first_step_is_cancelled() -> None:
+    import asyncio
+
+    handles: dict[str, TaskHandle[None]] = {}
+    ended: list[str] = []
+
+    async def supersedes_itself() -> None:
+        handles["job"].cancel()  # e.g. a "newer job supersedes me" check in its first step
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            ended.append("cancelled")
+
+    async def main() -> TaskGuard:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+        release = asyncio.Event()
+        async with TaskGuard(exit_wait_timeout=5, groups={"one": {"limit": 1}}) as guard:
+            guard.spawn(release.wait, group="one")
+            handles["job"] = guard.spawn(supersedes_itself, group="one")  # pending
+            release.set()  # the job starts, eagerly, inside the first one's end
+            with anyio.fail_after(2):
+                with pytest.raises(TaskCancelledError):
+                    await handles["job"].wait()
+        return guard
+
+    report = asyncio.run(main()).report
+    assert ended == ["cancelled"]
+    assert report.groups["one"].cancelled == 1
+    assert report.clean
