@@ -13,7 +13,7 @@ Target: taskguard.spawn ≤ 1.3x the baseline; on trio ≤ 1.2x the nursery.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from time import perf_counter
 
@@ -112,30 +112,16 @@ def _taskguard(n: int, coro_form: bool) -> float:
     return run_asyncio(main)  # type: ignore[no-any-return]
 
 
-def _trio_nursery(n: int) -> float:
-    import trio
-
-    async def main() -> float:
-        t0 = perf_counter()
-        async with trio.open_nursery() as nursery:
-            start_soon = nursery.start_soon
-            for _ in range(n):
-                start_soon(_job)
-        return (perf_counter() - t0) / n
-
-    return run_trio(main)  # type: ignore[no-any-return]
-
-
 async def _scoped_job() -> None:
+    # The floor of any design in which each task can be cancelled on its own
+    # on trio: a nursery task that only enters a CancelScope of its own.
     import trio
 
     with trio.CancelScope():
         return None
 
 
-def _trio_nursery_scoped(n: int) -> float:
-    # The floor of any design in which each task can be cancelled on its own
-    # on trio: a nursery task that only enters a CancelScope of its own.
+def _trio_nursery(n: int, job: Callable[[], Awaitable[None]] = _job) -> float:
     import trio
 
     async def main() -> float:
@@ -143,7 +129,7 @@ def _trio_nursery_scoped(n: int) -> float:
         async with trio.open_nursery() as nursery:
             start_soon = nursery.start_soon
             for _ in range(n):
-                start_soon(_scoped_job)
+                start_soon(job)
         return (perf_counter() - t0) / n
 
     return run_trio(main)  # type: ignore[no-any-return]
@@ -195,7 +181,7 @@ def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
         trio_samples = interleave(
             {
                 "trio nursery.start_soon (baseline)": partial(_trio_nursery, n),
-                "nursery task in its own CancelScope": partial(_trio_nursery_scoped, n),
+                "nursery task in its own CancelScope": partial(_trio_nursery, n, _scoped_job),
                 "taskguard.spawn(fn) on trio": partial(_trio_taskguard, n),
             },
             repeats,
