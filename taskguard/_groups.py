@@ -75,7 +75,18 @@ class Group:
             self.pending.append(handle)
         else:
             self.running[handle] = None
-            self._guard._start(handle)  # the backend's start, bound when the guard started
+            try:
+                self._guard._start(handle)  # the backend's start, bound when the guard started
+            except BaseException:
+                self.start_failed(handle)
+                raise
+
+    def start_failed(self, handle: TaskHandle[Any]) -> None:
+        """Undo the accounting of a task whose start raised (e.g. a task factory
+        that failed, a loop that is closing): it never ran, spawn() raises."""
+        self.running.pop(handle, None)
+        self._guard._live -= 1
+        handle._coro.close()  # no "coroutine was never awaited" warning
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
         """Account for a finished task; start the next pending one. Runs on the loop."""
@@ -119,7 +130,7 @@ class Group:
                 self.running[nxt] = None
                 try:
                     self._guard._start(nxt)
-                except BaseException as exc:  # e.g. the loop is closing: the task failed
+                except Exception as exc:  # e.g. the loop is closing: nobody to raise to
                     nxt._coro.close()
                     nxt._finish(FAILED, None, exc)
         finally:

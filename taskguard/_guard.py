@@ -311,7 +311,11 @@ class TaskGuard(HookRegistry, SectionRegistry):
         if grp.limit is None:  # Group.submit's common case, inlined: spawn is on every request
             grp.running[handle] = None
             self._live += 1  # before the start: an eager task may end inside it
-            self._start(handle)
+            try:
+                self._start(handle)
+            except BaseException:
+                grp.start_failed(handle)
+                raise
         else:
             grp.submit(handle)
         return handle

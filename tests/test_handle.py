@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import anyio
 import pytest
@@ -349,3 +350,36 @@ def test_a_handle_cancelled_during_its_eager_first_step_is_cancelled() -> None:
     assert ended == ["cancelled"]
     assert report.groups["one"].cancelled == 1
     assert report.clean
+
+
+def test_a_start_that_raises_is_the_callers_error_and_leaves_no_trace() -> None:
+    # E.g. a task factory that fails: spawn() raises, and the guard does not
+    # wait (until the exit wait) for a task that never existed.
+    import asyncio
+
+    def failing_factory(loop: object, coro: object, **kwargs: object) -> object:
+        raise RuntimeError("no more tasks")
+
+    async def job() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> TaskGuard:
+        guard = TaskGuard(exit_wait_timeout=5, groups={"one": {"limit": 1}})
+        async with guard:
+            loop = asyncio.get_running_loop()
+            loop.set_task_factory(failing_factory)  # type: ignore[arg-type]
+            try:
+                for group in ("default", "one"):
+                    with pytest.raises(RuntimeError, match="no more tasks"):
+                        guard.spawn(job, group=group)
+            finally:
+                loop.set_task_factory(None)
+            assert guard.stats().groups["default"].running == 0
+            assert guard.stats().groups["one"].running == 0
+        return guard
+
+    start = time.monotonic()
+    report = asyncio.run(main()).report
+    assert time.monotonic() - start < 2  # not the 5 s exit wait
+    assert report.clean
+    assert report.stuck == []
