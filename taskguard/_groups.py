@@ -14,8 +14,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Group"]
 
-_GONE = object()
-
 
 class Group:
     """Bookkeeping of one group: running and pending tasks, and lifetime counts."""
@@ -147,10 +145,10 @@ class Group:
         handle._finish(CANCELLED, None, None)
 
     def abandon(self, handle: TaskHandle[Any]) -> None:
-        """Stop waiting for a running task that ignored its cancellation: it counts as
-        stuck, and its waiters get TaskCancelledError (it keeps a strong reference)."""
-        if self.running.pop(handle, _GONE) is _GONE:
-            return
+        """Stop waiting for a task of ``running`` that ignored its cancellation: it
+        counts as stuck, and its waiters get TaskCancelledError (``abandoned``
+        keeps a strong reference until it ends)."""
+        del self.running[handle]
         self.abandoned.add(handle)
         self.stuck += 1
         self._guard._live -= 1
