@@ -418,7 +418,14 @@ class _Request:
                 done.set()
 
         self._helper(run, "taskguard-asgi-send")
-        await done.wait()
+        try:
+            await done.wait()
+        except anyio.get_cancelled_exc_class():
+            if done.is_set() and not failure:
+                # Delivered before the cut reached this wait: it counts in the
+                # resume point (trio raises the cut again at the next checkpoint).
+                return
+            raise
         if failure:
             raise failure[0]
 

@@ -209,6 +209,7 @@ class Producer:
     def __init__(self, n: int = 1000, size: int = 10, final: bytes | None = None) -> None:
         self.n, self.size, self.final = n, size, final
         self.generated = 0
+        self.scope: Any = None
         self.finally_ran = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -218,6 +219,7 @@ class Producer:
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
+        self.scope = scope
         if self.final is not None:
             stream_control(scope).final_message = lambda sent: self.final + b"%d" % sent
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -277,6 +279,28 @@ async def test_stream_is_cut_at_shutdown(final: bytes | None) -> None:
         assert bodies[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
     assert mw.guard.report.streams == {"interrupted": 1}
     assert mw.guard.report.clean
+
+
+async def test_a_chunk_delivered_as_the_stream_is_cut_counts_in_the_resume_point() -> None:
+    # The cut lands while the pump waits for a send that has just delivered its
+    # chunk (on trio the send runs in a task of its own): that chunk was sent,
+    # and the resume point must say so, or the client gets it twice.
+    app = Producer(final=b"resume:")
+    mw = TaskGuardMiddleware(app, signals="off")
+    bodies: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message)
+            if len(bodies) == 3:
+                stream_control(app.scope).stop()  # cut right after the 3rd chunk went out
+
+    async with asgi_lifespan(mw):
+        with anyio.fail_after(5):
+            await call(mw, receiver(), send)
+    assert [m["body"] for m in bodies[-2:]] == [b"resume:3", b""]
+    assert len(bodies) == 3 + 2
+    assert mw.guard.report.streams == {"stopped": 1}
 
 
 async def test_client_disconnect_stops_the_producer_at_once() -> None:

@@ -28,9 +28,20 @@ pytestmark = pytest.mark.anyio
 SERVICE = "test.Stream"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def anyio_backend() -> str:
     return "asyncio"  # grpc.aio runs on asyncio only
+
+
+@pytest.fixture(scope="module", autouse=True)
+async def _one_event_loop() -> AsyncIterator[None]:
+    # An async fixture of module scope keeps anyio's test runner, and so one
+    # event loop, for every test here. grpc.aio binds its completion queue to
+    # each loop that uses it; a late event of a call made on an earlier test's
+    # loop, already closed, reached a later test's loop and failed it with
+    # "Event loop is closed" (seen once in CI). One loop per process is how
+    # grpc.aio is meant to be used.
+    yield  # noqa: PT022 - the open generator is what holds the runner
 
 
 # -- in-process helpers ------------------------------------------------------------
