@@ -18,6 +18,8 @@ from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
+import anyio
+
 __all__ = ["Backend", "coroutine_stack", "current_backend", "thread_stack"]
 
 
@@ -25,6 +27,12 @@ class Backend:
     """The raw operations the guard needs from the event loop it runs on."""
 
     name: str = ""
+    #: whether an ASGI send should run in a task of its own so that a stalled
+    #: one can be abandoned (hypercorn's trio worker shields its sends)
+    send_in_task: bool = False
+    #: the backend's own cancel-scope class (``anyio.CancelScope()`` looks the
+    #: backend up on every call; the class builds the same object directly)
+    cancel_scope: Callable[..., Any] = anyio.CancelScope
 
     def start_system_task(self, fn: Callable[[], Coroutine[Any, Any, object]], name: str) -> object:
         """Start ``fn()`` as an unstructured task the guard owns (supervisor, keeper, ...)."""
@@ -58,6 +66,7 @@ class AsyncioBackend(Backend):
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.cancel_scope = type(anyio.CancelScope())
 
     def start_system_task(self, fn: Callable[[], Coroutine[Any, Any, object]], name: str) -> object:
         return self.loop.create_task(fn(), name=name)
@@ -85,12 +94,14 @@ class AsyncioBackend(Backend):
 
 class TrioBackend(Backend):
     name = "trio"
+    send_in_task = True
 
     def __init__(self) -> None:
         import trio
 
         self._trio = trio
         self.token = trio.lowlevel.current_trio_token()
+        self.cancel_scope = type(anyio.CancelScope())
 
     def start_system_task(self, fn: Callable[[], Coroutine[Any, Any, object]], name: str) -> object:
         return self._trio.lowlevel.spawn_system_task(

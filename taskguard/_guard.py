@@ -118,6 +118,46 @@ class TaskGuard(HookRegistry, SectionRegistry):
             return self.config.exit_wait_timeout
         return max(0.0, self._shutdown.deadline - self._backend.time())
 
+    # -- for integrations ------------------------------------------------------------
+    # The ASGI middleware, the gRPC interceptor and the pytest helpers use these,
+    # never the guard's private fields.
+
+    @property
+    def backend(self) -> Backend:
+        """The event-loop backend the guard runs on (for integrations)."""
+        backend = self._backend
+        if backend is None:
+            raise NotStartedError("the guard has not started: enter it with `async with guard:`")
+        return backend
+
+    def open_section(self, name: str, scope: anyio.CancelScope) -> Guarded:
+        """Open a guarded section whose cancel scope the caller enters and exits
+        itself; close it with ``section.close(cancelled)`` after the scope exited.
+
+        For integrations that run a request in one scope of their own (the ASGI
+        middleware): that scope doubles as the section's, the one the guard
+        cancels at the deadline. Raises like ``guarded()`` when the guard
+        refuses new sections.
+        """
+        section = Guarded(self, name, False)
+        section._attach(self, scope)
+        return section
+
+    def in_section(self) -> bool:
+        """Whether the calling task holds an open guarded section of this guard."""
+        task = self._backend_current_task()
+        return any(section._task is task for section in self._sections)
+
+    @property
+    def signals_seen(self) -> int:
+        """How many exit signals the guard has been given so far."""
+        return self._signals_seen
+
+    @property
+    def forced(self) -> bool:
+        """Whether the shutdown was forced (a second exit signal, ``shutdown(force=True)``)."""
+        return self._shutdown is not None and self._shutdown.forced
+
     def stats(self) -> GuardStats:
         """A snapshot for metrics endpoints: running and pending per group, open sections."""
         return GuardStats(
@@ -140,7 +180,7 @@ class TaskGuard(HookRegistry, SectionRegistry):
         # Resolved once, not per guarded section: anyio.CancelScope() looks the
         # backend up on every call (sniffio + a factory), about 40% of a bare
         # scope's cost on asyncio; the backend's own class builds the same object.
-        self._scope_class = type(anyio.CancelScope())
+        self._scope_class = backend.cancel_scope
         self._current_task = backend.current_task_function()
         if backend.name == "asyncio":
             loop = asyncio.get_running_loop()

@@ -121,6 +121,15 @@ class Guarded:
         self._task = guard._current_task()
         self._scope = scope
 
+    @property
+    def cut(self) -> bool:
+        """Whether the open (or last) section was cut by a deadline or a forced shutdown."""
+        return self._cut
+
+    def close(self, cancelled: bool) -> None:
+        """Close a section opened with ``guard.open_section()`` (after its scope exited)."""
+        self._detach(cancelled)
+
     def _detach(self, cancelled: bool) -> None:
         """Close a section opened with :meth:`_attach` (after its scope exited)."""
         self._scope = None

@@ -22,7 +22,7 @@ from ._asgi_lifespan import Lifespan, SignalChain
 from ._config import GuardConfig
 from ._exceptions import ShuttingDownError
 from ._guard import TaskGuard
-from ._guarded import Guarded, _is_cancellation
+from ._guarded import _is_cancellation
 from ._report import State
 from ._streams import GuardedStream, StreamOutcome
 
@@ -221,7 +221,7 @@ class _Request:
     ) -> None:
         self.mw, self.control, self.scope = mw, control, scope
         self.real_receive, self.real_send = receive, send
-        self.app_scope = control.guard._scope_class()
+        self.app_scope = control.guard.backend.cancel_scope()
         self.channel: MemoryObjectSendStream[Message] | None = None
         self.channel_out: MemoryObjectReceiveStream[Message] | None = None
         self.pump_done: anyio.Event | None = None
@@ -236,10 +236,9 @@ class _Request:
         # The request is a guarded section whose cancel scope is the app's own:
         # the guard cuts it at the deadline, the pump when a stream ends early.
         guard = self.control.guard
-        section = Guarded(
-            guard, f"{self.scope.get('method', '')} {self.scope.get('path', '')}", False
+        section = guard.open_section(
+            f"{self.scope.get('method', '')} {self.scope.get('path', '')}", self.app_scope
         )
-        section._attach(guard, self.app_scope)
         cancelled = False
         try:
             await self._run()
@@ -249,9 +248,9 @@ class _Request:
         finally:
             if self.channel is not None:  # e.g. the server cancelled the request mid-stream
                 self._stop_helpers()
-            section._detach(cancelled)
+            section.close(cancelled)
         stream = self.control.stream
-        if section._cut and (
+        if section.cut and (
             self.app_scope.cancelled_caught
             or (stream is not None and stream.outcome is not StreamOutcome.COMPLETED)
         ):
@@ -350,9 +349,7 @@ class _Request:
             max_duration=self.mw.max_duration,
         )
         self.control.stream = stream
-        backend = self.control.guard._backend
-        assert backend is not None
-        if backend.name == "trio":
+        if self.control.guard.backend.send_in_task:
             pump = functools.partial(self._pump, stream, self._send_in_task)
         else:
             pump = functools.partial(self._pump, stream, self.real_send)
@@ -373,10 +370,8 @@ class _Request:
             finally:
                 self.helpers.pop(scope, None)
 
-        backend = self.control.guard._backend
-        assert backend is not None
         # A strong reference while it runs.
-        self.helpers[scope] = backend.start_system_task(run, name=name)
+        self.helpers[scope] = self.control.guard.backend.start_system_task(run, name=name)
 
     def _stop_helpers(self) -> None:
         """End the stream if it is still open, close its channel, and cancel the

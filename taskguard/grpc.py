@@ -354,11 +354,5 @@ async def serve(server: grpc.aio.Server, guard: TaskGuard, grace: float | None =
             with anyio.CancelScope(shield=True):
                 await server.stop(0)
         raise
-    if not _inside_section(guard):
+    if not guard.in_section():
         await guard.wait_closed()
-
-
-def _inside_section(guard: TaskGuard) -> bool:
-    """Whether the calling task holds an open guarded section of ``guard``."""
-    task = guard._backend_current_task()
-    return any(section._task is task for section in guard._sections)

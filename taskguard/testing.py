@@ -59,7 +59,7 @@ async def simulate_signal(guard: TaskGuard, signum: int = signal.SIGTERM) -> Non
     """Deliver ``signum`` to ``guard`` as an exit-signal handler would, and wait
     until the guard has reacted (the first signal starts the drain, the second
     forces it). Never call it a third time: a third exit signal ends the process."""
-    seen = guard._signals_seen
+    seen = guard.signals_seen
     if seen >= 2:
         raise RuntimeError(
             "a third exit signal would end the test process (os._exit); not simulated"
@@ -69,9 +69,8 @@ async def simulate_signal(guard: TaskGuard, signum: int = signal.SIGTERM) -> Non
         if seen == 0:
             await guard.wait_for_shutdown()
             return
-        shutdown = guard._shutdown
         # The forced drain is a flag, not an event: give the loop a few turns.
-        while shutdown is not None and not shutdown.forced and guard.state is not State.CLOSED:  # noqa: ASYNC110
+        while not guard.forced and guard.state is not State.CLOSED:  # noqa: ASYNC110
             await anyio.sleep(0.001)
 
 
