@@ -63,6 +63,16 @@ class TaskGuard(HookRegistry, SectionRegistry):
         else:
             raise TypeError(f"TaskGuard() takes a GuardConfig, a dict or None, not {config!r}")
         self._state = State.IDLE
+        self._hooks: list[Hook] = []
+        self._warnings: list[str] = []
+        self._trigger_callbacks: list[Callable[[TaskGuard], object]] = []
+        self._report: ShutdownReport | None = None
+        self._new_run()
+
+    def _new_run(self) -> None:
+        """Fresh per-run state: a guard runs again after it closed (a second ASGI
+        lifespan, a test client used twice). Hooks registered before the first
+        start stay; those registered while it ran belonged to that run."""
         self._groups: dict[str, Group] = {}
         self._live = 0  # running + pending tasks + open async sections
         self._sections: dict[Guarded, None] = {}
@@ -70,18 +80,18 @@ class TaskGuard(HookRegistry, SectionRegistry):
         self._thread_lock = threading.Lock()
         self._section_counts = Counter[str]()
         self._wake: anyio.Event | None = None  # set when _live drops to 0 during shutdown
-        self._hooks: list[Hook] = []
+        self._hooks = [hook for hook in self._hooks if hook.before_start]
+        if self._hooks:
+            self._check_grace_period()
         self._keeper: ResourceKeeper | None = None
         # open streams, held weakly (_streams._Tracked); the supervisor calls _interrupt()
         self._streams: dict[Any, None] = {}
         self._stream_outcomes = Counter[str]()
-        self._warnings: list[str] = []
+        self._warnings = []
         self._signals_seen = 0
-        self._trigger_callbacks: list[Callable[[TaskGuard], object]] = []
         self._backend: Backend | None = None
         self._thread_id = 0
         self._shutdown: Shutdown | None = None
-        self._report: ShutdownReport | None = None
         self._system_tasks: list[object] = []
         self._signals: SignalReceiver | None = None
         self._context_token: Any = None
@@ -171,9 +181,14 @@ class TaskGuard(HookRegistry, SectionRegistry):
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> TaskGuard:
-        if self._state is not State.IDLE:
+        if self._state is State.CLOSED:
+            self._new_run()
+            self._report = None
+            self._state = State.IDLE
+        elif self._state is not State.IDLE:
             raise RuntimeError(
-                f"this TaskGuard is {self._state.value}: a guard runs once; create a new one"
+                f"this TaskGuard is already {self._state.value}: enter it once at a time "
+                "(it can run again once it is closed)"
             )
         backend = self._backend = current_backend()
         self._thread_id = threading.get_ident()
@@ -235,6 +250,20 @@ class TaskGuard(HookRegistry, SectionRegistry):
         if self._shutdown is None:
             raise NotStartedError("the guard has not started: enter it with `async with guard:`")
         await self._shutdown.triggered.wait()
+
+    async def wait_for_intake_stop(self) -> None:
+        """Return once the server should stop accepting work: ``drain_delay`` after
+        the shutdown trigger (at once without a delay, or when the shutdown is
+        forced), just before the ``before_drain`` hooks run.
+
+        Until then the app keeps serving (readiness already says 503), so a load
+        balancer can stop routing here first. Use it where a server takes an
+        awaitable shutdown trigger, e.g.
+        ``hypercorn.asyncio.serve(app, config, shutdown_trigger=guard.wait_for_intake_stop)``.
+        """
+        if self._shutdown is None:
+            raise NotStartedError("the guard has not started: enter it with `async with guard:`")
+        await self._shutdown.intake_stop.wait()
 
     async def wait_closed(self) -> ShutdownReport:
         """Wait until the guard is closed (a bounded wait) and return the report.

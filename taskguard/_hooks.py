@@ -34,7 +34,7 @@ _ABANDONED_HOOKS: list[object] = []
 class Hook:
     """A registered shutdown step: a hook function, or the exit of a resource."""
 
-    __slots__ = ("backstop", "fn", "name", "stage", "timeout")
+    __slots__ = ("backstop", "before_start", "fn", "name", "stage", "timeout")
 
     def __init__(
         self,
@@ -51,6 +51,8 @@ class Hook:
         #: extra time on top of ``timeout`` before the supervisor gives up (a
         #: resource exit enforces its own timeout; this is the backstop)
         self.backstop = backstop
+        #: registered before the guard first started: kept for its later runs
+        self.before_start = False
 
 
 def hook_name(fn: object) -> str:

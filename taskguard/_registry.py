@@ -105,6 +105,7 @@ class HookRegistry:
             raise ShuttingDownError(
                 f"the {hook.stage} hooks already ran; {hook.name!r} would never run"
             )
+        hook.before_start = self._state is State.IDLE and self._shutdown is None
         self._hooks.append(hook)
         if hook.stage == "after_drain":
             self._check_grace_period()

@@ -41,6 +41,8 @@ class Shutdown:
         self.guard = guard
         self.triggered = anyio.Event()
         self.closed = anyio.Event()
+        #: set when intake should stop: drain_delay after the trigger (or forced)
+        self.intake_stop = anyio.Event()
         self.reason = ""
         self.forced = False
         self.deadline = math.inf
@@ -98,6 +100,7 @@ class Shutdown:
                 self._close()
             finally:
                 guard._state = State.CLOSED
+                self.intake_stop.set()
                 self.closed.set()
 
     def _end_phase(self, name: str) -> None:
@@ -128,6 +131,8 @@ class Shutdown:
         if cfg.drain_delay:
             await self._sleep_until(self.started + cfg.drain_delay)
             self._end_phase("drain_delay")
+        self.intake_stop.set()
+        await _let_cancellations_land()  # the servers waiting on it stop intake first
         await self._run_hooks("before_drain", bounded=True)
         self._end_phase("before_drain")
         # Streams end first, before the drain waits on anything: an open stream
@@ -374,7 +379,7 @@ class Shutdown:
 
 
 async def _let_cancellations_land() -> None:
-    """Give just-cancelled work a chance to unwind before anything is judged stuck,
+    """Give just-cancelled (or just-woken) work a chance to unwind before anything is judged stuck,
     even with ``cancel_grace=0``: two passes of the event loop. One is not always
     enough on trio, which may run a batch of ready tasks in reverse order, so the
     supervisor could run before the task its cancellation woke."""

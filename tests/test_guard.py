@@ -280,13 +280,33 @@ async def test_refused_spawns_raise_and_are_counted() -> None:
     assert report.groups["default"].completed == 2
 
 
-async def test_a_guard_runs_once() -> None:
+async def test_a_guard_runs_again_after_it_closed() -> None:
+    """A second ASGI lifespan (a test client used twice) runs the same guard again:
+    per-run state is fresh, hooks registered before the first start stay."""
     guard = TaskGuard()
+    ran: list[str] = []
+    guard.on_shutdown(lambda: ran.append("static"), name="static")
+
+    async def job() -> str:
+        return "done"
+
     async with guard:
-        pass
-    with pytest.raises(RuntimeError, match="runs once"):
-        async with guard:
-            pass
+        guard.spawn(job)
+        guard.on_shutdown(lambda: ran.append("run 1 only"), name="per-run")
+        with pytest.raises(RuntimeError, match="already running"):
+            async with guard:
+                pass
+    first = guard.report
+    assert first.groups["default"].completed == 1
+    async with guard:
+        assert guard.state is State.RUNNING
+        with pytest.raises(RuntimeError, match="closes"):
+            _ = guard.report
+    second = guard.report
+    assert second is not first
+    assert second.groups["default"].completed == 0
+    assert ran == ["run 1 only", "static", "static"]
+    assert [h.name for h in second.hooks] == ["static"]
 
 
 async def test_spawn_from_a_worker_thread() -> None:
@@ -425,3 +445,26 @@ async def test_exit_signals_in_process_first_drains_second_forces() -> None:
     assert handle.state == "cancelled"
     # the handlers are gone once the guard closed
     assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)
+
+
+async def test_wait_for_intake_stop_returns_after_the_drain_delay() -> None:
+    guard = TaskGuard(drain_delay=0.3, exit_wait_timeout=5)
+    order: list[str] = []
+    guard.on_shutdown(lambda: order.append("before_drain hook"), stage="before_drain")
+    with pytest.raises(NotStartedError):
+        await guard.wait_for_intake_stop()
+    async with guard:
+
+        async def server() -> None:
+            await guard.wait_for_intake_stop()
+            order.append(f"intake stops, ready={guard.ready}")
+
+        guard.spawn(server)
+        start = anyio.current_time()
+        guard.shutdown()
+        await guard.wait_for_shutdown()
+        order.append("triggered")
+        await guard.wait_for_intake_stop()
+        waited = anyio.current_time() - start
+    assert waited >= 0.3
+    assert order == ["triggered", "intake stops, ready=False", "before_drain hook"]
