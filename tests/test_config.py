@@ -153,3 +153,37 @@ def test_group_config_alone() -> None:
     assert g.pending_limit == 0
     with pytest.raises(ValidationError, match="pending_limit"):
         GroupConfig(pending_limit=3)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "TASKGUARD_EXIT_WAIT_TIMEOUT__X",
+        "TASKGUARD_HANDLE_SIGNALS__FOO",
+        "TASKGUARD_CANCEL_GRACE__",
+        "TASKGUARD_GROUPS__",
+    ],
+)
+def test_env_variables_nested_into_a_plain_field_are_errors(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    # Finding 12: they were ignored silently.
+    monkeypatch.setenv(key, "1")
+    with pytest.raises(ValidationError, match=key):
+        GuardConfig.from_env()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exit_wait_timeout": 1e13},
+        {"cancel_grace": 1e300},
+        {"hook_timeout": 10**20},
+        {"drain_delay": True},
+        {"groups": {"g": {"timeout": 1e13}}},
+    ],
+)
+def test_huge_and_boolean_seconds_are_refused(kwargs: dict[str, Any]) -> None:
+    # Finding 13: 1e13 was accepted, then the watchdog thread died on it.
+    with pytest.raises(ValidationError):
+        GuardConfig(**kwargs)

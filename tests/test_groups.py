@@ -409,3 +409,74 @@ async def test_a_task_raising_a_base_exception_is_a_failure_not_a_crash(
         assert await good.wait() == "alive"
     assert bad.state == "failed"
     assert guard.report.groups["default"].failed == 1
+
+
+async def test_a_group_timeout_runs_from_the_trigger_even_during_before_drain_hooks() -> None:
+    # Finding 3: group timeout 0.3 s, a 1 s before_drain hook: the 0.8 s job is
+    # cut at 0.3 s, and a spawn into the group at 0.6 s is refused.
+    guard = TaskGuard(exit_wait_timeout=5, groups={"g": GroupConfig(timeout=0.3)})
+    refused: list[BaseException] = []
+
+    async def job() -> None:
+        await anyio.sleep(0.8)
+
+    async def slow_hook() -> None:
+        await anyio.sleep(0.6)
+        try:
+            guard.spawn(job, group="g")
+        except Exception as exc:
+            refused.append(exc)
+        await anyio.sleep(0.4)
+
+    async with guard:
+        guard.on_shutdown(slow_hook, stage="before_drain")
+        handle = guard.spawn(job, group="g")
+    report = guard.report
+    assert handle.state == "cancelled"
+    assert report.groups["g"].cut == 1
+    assert report.groups["g"].completed == 0
+    assert len(refused) == 1
+    assert "timeout" in str(refused[0])
+
+
+async def test_a_cut_drain_task_whose_finally_raises_counts_as_cut() -> None:
+    # Finding 10: it was counted "failed" and the report said clean.
+    async def work_with_rollback() -> None:
+        try:
+            await anyio.sleep(30)
+        finally:
+            raise RuntimeError("rollback failed")
+
+    guard = TaskGuard(exit_wait_timeout=0.3, cancel_grace=1)
+    async with guard:
+        handle = guard.spawn(work_with_rollback)
+    report = guard.report
+    assert report.groups["default"].cut == 1
+    assert report.groups["default"].failed == 0
+    assert not report.clean
+    assert handle.state == "cancelled"
+
+
+async def test_an_abandoned_task_that_ends_later_leaves_nothing_alive() -> None:
+    # Finding 2: the guard (and all it holds) stayed alive for good.
+    import gc
+    import weakref
+
+    from helpers_reliability import Release
+
+    release = Release()
+
+    async def run_guard() -> weakref.ref[TaskGuard]:
+        guard = TaskGuard(exit_wait_timeout=0.2, cancel_grace=0.1)
+        big = bytearray(10_000_000)
+        async with guard:
+            guard.spawn(release.swallow_cancellation, name="stubborn")
+            guard.on_shutdown(lambda: len(big))
+        assert [s.name for s in guard.report.stuck] == ["stubborn"]
+        return weakref.ref(guard)
+
+    ref = await run_guard()
+    release.set()
+    await anyio.sleep(0.2)  # the abandoned task ends now
+    gc.collect()
+    assert ref() is None

@@ -213,3 +213,29 @@ async def test_one_section_object_shared_by_tasks_threads_and_nesting() -> None:
         assert guard.stats().guarded == 0
     assert guard.report.guarded.completed == 9
     assert guard.report.clean
+
+
+async def test_entering_from_another_threads_event_loop_leaves_no_phantom_section(
+    anyio_backend: str,
+) -> None:
+    # Finding 9: the entry raised an unclear error after counting the section,
+    # which then kept shutdown waiting and was reported stuck.
+    other = "trio" if anyio_backend == "asyncio" else "asyncio"
+    errors: list[BaseException] = []
+    guard = TaskGuard(exit_wait_timeout=2)
+
+    async def enter_from_there() -> None:
+        try:
+            async with guard.guarded("elsewhere"):
+                pass
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with guard:
+        await anyio.to_thread.run_sync(lambda: anyio.run(enter_from_there, backend=other))
+    assert len(errors) == 1
+    assert "thread" in str(errors[0])
+    report = guard.report
+    assert report.guarded.stuck == 0
+    assert report.clean
+    assert report.duration < 1

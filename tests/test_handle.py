@@ -383,3 +383,31 @@ def test_a_start_that_raises_is_the_callers_error_and_leaves_no_trace() -> None:
     assert time.monotonic() - start < 2  # not the 5 s exit wait
     assert report.clean
     assert report.stuck == []
+
+
+async def test_bad_coroutines_are_refused_at_the_call() -> None:
+    # Finding 14: an awaited or twice-spawned coroutine was accepted and
+    # failed in the background; refused ones are closed (no "never awaited").
+    import gc
+
+    async def job() -> int:
+        return 1
+
+    async with TaskGuard() as guard:
+        done = job()
+        assert await done == 1
+        with pytest.raises(TypeError, match="already"):
+            guard.spawn(done)
+        twice = job()
+        guard.spawn(twice)
+        with pytest.raises(TypeError, match="already"):
+            guard.spawn(twice)
+        with_args = job()
+        with pytest.raises(TypeError):
+            guard.spawn(with_args, 1)  # type: ignore[call-overload]
+        with pytest.raises(TypeError, match="name"):
+            guard.spawn(job, name=123)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="name"):
+            guard.spawn(job(), name=b"x")  # type: ignore[arg-type]
+        del with_args
+        gc.collect()  # filterwarnings=error: a "never awaited" warning fails the test

@@ -278,3 +278,48 @@ async def test_hook_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
         guard.on_shutdown(bad)
     assert "shutdown hook bad (after_drain) failed" in caplog.text
     assert "NOT CLEAN" in caplog.text
+
+
+async def test_a_non_str_hook_name_is_refused_at_the_call() -> None:
+    # Finding 1: a name the report cannot hold killed the supervisor later.
+    guard = TaskGuard()
+    for bad in (123, b"bytes", ["x"]):
+        with pytest.raises(TypeError, match="name"):
+            guard.on_shutdown(lambda: None, name=bad)  # type: ignore[arg-type]
+
+
+async def test_boolean_and_huge_hook_timeouts_are_refused() -> None:
+    # Finding 13: on_shutdown(timeout=True) was taken as 1 s.
+    guard = TaskGuard()
+    for bad in (True, False, 1e13, float("nan"), -1, 0, "5"):
+        with pytest.raises((TypeError, ValueError), match="timeout"):
+            guard.on_shutdown(lambda: None, timeout=bad)  # type: ignore[arg-type]
+
+
+async def test_the_supervisor_survives_its_own_bookkeeping_errors(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Finding 1, second half: a fault in the sequence's own bookkeeping (here:
+    # formatting the summary) is logged, marks the report not clean, and the
+    # rest of the sequence still runs.
+    from taskguard import ShutdownReport
+
+    def broken_summary(self: ShutdownReport) -> str:
+        raise RuntimeError("summary broke")
+
+    monkeypatch.setattr(ShutdownReport, "summary", broken_summary)
+    guard = TaskGuard(exit_wait_timeout=5)
+    ran: list[str] = []
+
+    async def work() -> None:
+        await anyio.sleep(0.2)
+        ran.append("work")
+
+    async with guard:
+        guard.spawn(work)
+        guard.on_shutdown(lambda: ran.append("after_drain"))
+    report = guard.report
+    assert ran == ["work", "after_drain"]
+    assert not report.clean
+    assert any("summary broke" in error for error in report.errors)
+    assert "summary broke" in caplog.text

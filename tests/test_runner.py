@@ -373,3 +373,281 @@ def test_run_respects_handle_signals_from_the_config() -> None:
     taskguard.run(main, config={"handle_signals": False})
     taskguard.run(main, config=taskguard.GuardConfig(handle_signals=False))
     assert seen == [False, False]
+
+
+# -- promises under attack (issue 11): the budget, the watchdog, signals ------------
+
+STUBBORN_HOOKS_SCRIPT = """
+async def main(guard):
+    for i in range(10):
+        async def stubborn(i=i):
+            try:
+                await anyio.sleep(30)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(0.3)  # ignores its cancellation for a while
+            print("UNREACHABLE", flush=True)
+
+        guard.on_shutdown(stubborn, timeout=0.1, name=f"hook{i}")
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=1, cancel_grace=0)
+print("HOOKS", len(report.hooks), flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_deadline_counts_the_grace_each_stubborn_hook_gets(
+    tmp_path: Path, backend: str
+) -> None:
+    # Finding 4: ten async after_drain hooks of 0.1 s that each unwind for 0.3 s
+    # after their cancellation. The sequence allows each one its timeout and
+    # then a grace before it is abandoned; the hard deadline must count that
+    # too, or it ends the process before the last hooks ran.
+    script = write(tmp_path, "hooks.py", STUBBORN_HOOKS_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=30)
+        out = proc.output()
+        assert status == 0, out
+        assert "HOOKS 10" in out
+        assert "hard deadline" not in out
+    finally:
+        proc.kill()
+
+
+STUCK_SECTION_AFTER_RUN = """
+import time
+
+async def main(guard):
+    async def stuck():
+        async with guard.guarded("stuck section"):
+            while True:
+                try:
+                    await anyio.sleep(0.05)
+                except anyio.get_cancelled_exc_class():
+                    pass
+
+    guard.spawn(stuck)
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, exit_wait_timeout=0.3, cancel_grace=0.2)
+print("RUN RETURNED", report.clean, flush=True)
+time.sleep(4)  # past the hard deadline (0.3 + 0.2 + 2 s): the program goes on
+print("STILL ALIVE", flush=True)
+"""
+
+
+def test_a_stuck_async_section_does_not_keep_the_watchdog_armed_after_run(
+    tmp_path: Path,
+) -> None:
+    # Finding 5 (asyncio: on trio an abandoned task keeps trio.run from returning).
+    script = write(tmp_path, "after_run.py", STUCK_SECTION_AFTER_RUN)
+    proc = Proc([sys.executable, str(script)], tmp_path)
+    try:
+        proc.wait_for("READY")
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert "RUN RETURNED False" in out
+        assert "STILL ALIVE" in out, out
+        assert status == 0, out
+        assert "worker thread" not in out
+    finally:
+        proc.kill()
+
+
+BLOCKED_HOOK_SCRIPT = """
+import time
+
+async def main(guard):
+    def blocking_hook():
+        print("HOOK BLOCKS", flush=True)
+        time.sleep(20)
+
+    guard.on_shutdown(blocking_hook, stage="before_drain")
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=30)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_third_signal_ends_the_process_while_the_loop_is_blocked(
+    tmp_path: Path, backend: str, sig: signal.Signals
+) -> None:
+    # Finding 6: signals are counted in the signal handler, not by a task of
+    # the (blocked) event loop.
+    script = write(tmp_path, "blocked.py", BLOCKED_HOOK_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        proc.signal(sig)
+        proc.wait_for("HOOK BLOCKS")
+        time.sleep(0.2)
+        sent = time.monotonic()
+        proc.signal(sig)
+        time.sleep(0.2)
+        proc.signal(sig)
+        status = proc.wait(timeout=15)
+        out = proc.output()
+        assert status == 128 + sig, out
+        assert time.monotonic() - sent < 5, out
+        assert f"third exit signal ({sig.name})" in out
+    finally:
+        proc.kill()
+
+
+BLOCKED_FROM_THE_START = """
+import time
+
+async def main(guard):
+    print("READY", flush=True)
+    time.sleep(60)  # never gives the loop back
+
+taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=0.5, cancel_grace=0.5)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hard_deadline_is_armed_by_the_first_signal_even_if_the_loop_never_runs(
+    tmp_path: Path, backend: str
+) -> None:
+    script = write(tmp_path, "blocked.py", BLOCKED_FROM_THE_START)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=20)
+        out = proc.output()
+        assert status == 3, out
+        assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
+        assert "hard deadline" in out
+    finally:
+        proc.kill()
+
+
+NESTED_GUARD_SCRIPT = """
+from taskguard import TaskGuard
+
+async def main(guard):
+    async with TaskGuard(handle_signals=True):
+        pass  # an inner component's own guard, closed again
+
+    async def drain_work():
+        await anyio.sleep(0.5)
+        print("DRAIN WORK DONE", flush=True)
+
+    guard.spawn(drain_work)
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=10)
+print("CLEAN", report.clean, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_inner_signal_handling_guard_gives_the_signals_back(
+    tmp_path: Path, backend: str
+) -> None:
+    # Finding 7: when the inner guard closes, SIGTERM must reach the outer one
+    # again (not the default action, which would kill the process mid-drain).
+    script = write(tmp_path, "nested.py", NESTED_GUARD_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=15)
+        out = proc.output()
+        assert status == 0, out
+        assert "DRAIN WORK DONE" in out
+        assert "CLEAN True" in out
+    finally:
+        proc.kill()
+
+
+REREGISTERING_HOOK_SCRIPT = """
+async def main(guard):
+    async def again():
+        await anyio.sleep(0.01)
+        guard.on_shutdown(again)  # a retry loop in a hook
+
+    guard.on_shutdown(again)
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=1, hook_timeout=1)
+print("HOOKS", [h.outcome for h in report.hooks], flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hook_registering_itself_again_does_not_extend_the_shutdown(
+    tmp_path: Path, backend: str
+) -> None:
+    # Finding 8: registration is refused from the stopping phase on, and the
+    # hard deadline never moves.
+    script = write(tmp_path, "again.py", REREGISTERING_HOOK_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=15)
+        out = proc.output()
+        assert time.monotonic() - sent < 1 + 5 + 2 + 3, out
+        assert status == 0, out
+        assert "HOOKS ['error']" in out, out
+        assert "ShuttingDownError" in out
+    finally:
+        proc.kill()
+
+
+TO_THREAD_SCRIPT = """
+import time
+
+async def main(guard):
+    async def blocking_work():
+        await anyio.to_thread.run_sync(time.sleep, 30)
+
+    guard.spawn(blocking_work)
+    print("READY", flush=True)
+    await guard.wait_for_shutdown()
+
+report = taskguard.run(main, backend=sys.argv[1], exit_wait_timeout=0.5, cancel_grace=0.5)
+print("RUN RETURNED", report.clean, flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_to_thread_work_does_not_outlive_the_budget(tmp_path: Path, backend: str) -> None:
+    # Finding 11: the worker thread of a cut to_thread call is not waited for
+    # beyond the budget (exit wait + cancel grace + 2 s slack). On asyncio run()
+    # returns its report first; on trio the task waiting for its thread cannot
+    # be cancelled, so it is abandoned and (as any abandoned task on trio)
+    # keeps trio.run from returning: the hard deadline ends the process.
+    script = write(tmp_path, "thread.py", TO_THREAD_SCRIPT)
+    proc = Proc([sys.executable, str(script), backend], tmp_path)
+    try:
+        proc.wait_for("READY")
+        sent = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=30)
+        out = proc.output()
+        assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
+        if backend == "asyncio":
+            assert "RUN RETURNED False" in out
+            assert "blocking_work" in out  # the thread's work is named in the log
+        else:
+            assert status == 3, out
+            assert "hard deadline" in out
+    finally:
+        proc.kill()

@@ -429,3 +429,16 @@ async def test_thousand_streams_end_promptly_on_shutdown() -> None:
     assert outcomes == ["interrupted"] * n
     assert all(s.finally_runs == 1 for s in sources)
     assert g.report.streams == {"interrupted": n}
+
+
+async def test_stream_arguments_are_checked_at_the_call() -> None:
+    # Findings 1 and 13.
+    async def source() -> AsyncIterator[int]:
+        yield 1
+
+    async with TaskGuard() as guard:
+        with pytest.raises(TypeError, match="name"):
+            guard.stream(source(), name=123)  # type: ignore[call-overload]
+        for bad in (True, 1e13):
+            with pytest.raises((TypeError, ValueError), match="send_timeout"):
+                guard.stream(source(), send_timeout=bad)  # type: ignore[call-overload]
