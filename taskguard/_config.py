@@ -21,7 +21,16 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["ErrorHandler", "GroupConfig", "GuardConfig", "parse_signal"]
+__all__ = [
+    "HOOK_ABANDON_GRACE",
+    "MAX_SECONDS",
+    "ErrorHandler",
+    "GroupConfig",
+    "GuardConfig",
+    "check_name",
+    "check_seconds",
+    "parse_signal",
+]
 
 #: Called as ``handler(exc, handle)`` with the exception and the :class:`TaskHandle`
 #: of a background task that failed. Runs on the event loop thread; keep it quick.
@@ -66,8 +75,42 @@ Signal = Annotated[
     BeforeValidator(parse_signal),
     PlainSerializer(lambda s: s.name, return_type=str),
 ]
-# NaN compares false to everything, so gt/ge alone would let it through:
-# allow_inf_nan=False refuses NaN and the infinities.
+
+#: The largest number of seconds taskguard takes for any timeout, delay or
+#: grace: a week. Far above any shutdown; it keeps every deadline sum finite and
+#: within what timers accept (1e13 s made the watchdog thread die of overflow).
+MAX_SECONDS = 7 * 24 * 3600.0
+
+#: how long a cancelled async hook may take to unwind before it is abandoned
+HOOK_ABANDON_GRACE = 0.5
+
+
+def check_seconds(value: object, what: str, *, positive: bool = True) -> float:
+    """The one check of a number of seconds given anywhere (config fields through
+    their pydantic type, keyword arguments through this function).
+
+    TypeError for what is not a number (a bool is not: a flag put in the wrong
+    place would silently become 1 s); ValueError for NaN, the infinities, values
+    out of range (> 0, or >= 0 with ``positive=False``, and <= MAX_SECONDS).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    low_ok = seconds > 0 if positive else seconds >= 0
+    if not (low_ok and seconds <= MAX_SECONDS):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(
+            f"{what} must be a finite number of seconds {bound} and <= {MAX_SECONDS:g} "
+            f"(a week), not {value!r}"
+        )
+    return seconds
+
+
+def check_name(value: object, what: str = "name") -> str | None:
+    """A name given to a task, hook or stream: a str or None (the report holds it)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{what} must be a str or None, not {type(value).__name__} {value!r}")
+    return value
 
 
 def _not_bool(value: object) -> object:
@@ -79,8 +122,10 @@ def _not_bool(value: object) -> object:
 
 
 NotBool = BeforeValidator(_not_bool)
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBool]
-Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False), NotBool]
+# NaN compares false to everything, so gt/ge alone would let it through:
+# allow_inf_nan=False refuses NaN and the infinities.
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False), NotBool]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False), NotBool]
 
 
 class GroupConfig(BaseModel):
@@ -188,20 +233,18 @@ class GuardConfig(BaseModel):
                     f"({self.exit_wait_timeout:g}s); the exit wait bounds every group"
                 )
         if self.grace_period is not None:
-            worst = self.worst_case(after_drain_timeouts=[self.hook_timeout])
+            worst = self.exit_wait_timeout + self.cancel_grace + self.hook_timeout
+            worst += HOOK_ABANDON_GRACE
             if worst > self.grace_period:
                 problems.append(
                     f"grace_period ({self.grace_period:g}s) is shorter than the worst-case "
-                    f"shutdown: exit_wait_timeout + cancel_grace + hook_timeout = {worst:g}s; "
-                    "the platform would kill the process before the guard is done"
+                    f"shutdown with one hook: exit_wait_timeout + cancel_grace + hook_timeout "
+                    f"+ {HOOK_ABANDON_GRACE:g}s abandon grace = {worst:g}s; the platform "
+                    "would kill the process before the guard is done"
                 )
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def worst_case(self, after_drain_timeouts: list[float]) -> float:
-        """The longest a shutdown can take: exit wait + cancel grace + after-drain steps."""
-        return self.exit_wait_timeout + self.cancel_grace + sum(after_drain_timeouts)
 
     def group(self, name: str) -> GroupConfig:
         """The configuration of group ``name`` (defaults for a group not configured)."""

@@ -3,48 +3,60 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._config import GroupConfig
-from ._handle import CANCELLED, FAILED, TaskHandle
+from ._coroutines import release
+from ._handle import CANCELLED, COMPLETED, FAILED, TaskHandle
 from ._report import GroupReport, GroupStats
 
 if TYPE_CHECKING:
-    from ._guard import TaskGuard
+    from ._backends import Backend
+    from ._inflight import InFlight
 
 __all__ = ["Group"]
 
+#: Tasks that shutdown gave up on and that still run (they ignored their
+#: cancellation). Strong references, so they are never garbage collected
+#: mid-flight (their finally blocks would run at a random time); each is
+#: removed when it ends, so nothing is kept once it did.
+_ABANDONED: set[TaskHandle[Any]] = set()
+
 
 class Group:
-    """Bookkeeping of one group: running and pending tasks, and lifetime counts."""
+    """Bookkeeping of one group: running and pending tasks, and lifetime counts.
+
+    It talks to the parts of its guard's run it needs — the backend (to start
+    and cancel tasks), the in-flight count and the failure handler — bound by
+    :meth:`bind` when the guard starts, not to the whole guard.
+    """
 
     __slots__ = (
-        "_guard",
+        "_on_failure",
         "_pumping",
         "abandoned",
+        "backend",
         "cancelled",
         "closed",
         "completed",
         "config",
         "cut",
+        "deadline",
         "drains",
         "failed",
+        "inflight",
         "limit",
         "name",
         "pending",
         "pending_limit",
         "refused",
         "running",
+        "start",
         "stuck",
     )
 
-    def __init__(
-        self,
-        guard: TaskGuard,
-        name: str,
-        config: GroupConfig,
-    ) -> None:
-        self._guard = guard
+    def __init__(self, name: str, config: GroupConfig) -> None:
         self.name = name
         self.config = config
         self.drains = config.on_shutdown == "drain"
@@ -61,62 +73,80 @@ class Group:
         self.refused = self.stuck = 0
         #: set when the group's drain timeout passed: it refuses new work
         self.closed = False
+        #: loop time of the group's drain timeout, once shutdown started
+        self.deadline = float("inf")
         self._pumping = False
+        self.backend: Backend | None = None
+        self.inflight: InFlight | None = None
+        self.start: Callable[[TaskHandle[Any]], None] = _not_started
+        self._on_failure: Callable[[TaskHandle[Any]], None] = _ignore
+
+    def bind(
+        self, backend: Backend, inflight: InFlight, on_failure: Callable[[TaskHandle[Any]], None]
+    ) -> None:
+        """Attach the group to its guard's run (at start, or when made while running)."""
+        self.backend = backend
+        self.inflight = inflight
+        self.start = backend.start_task  # bound once: spawn stays one call
+        self._on_failure = on_failure
 
     def __len__(self) -> int:
         return len(self.running) + len(self.pending)
 
     def submit(self, handle: TaskHandle[Any]) -> None:
         """Start ``handle`` now, or queue it when the group is at its limit."""
-        self._guard._live += 1  # first: an eager task may end inside the start
+        inflight = self.inflight
+        assert inflight is not None
+        inflight.add()  # first: an eager task may end inside the start
         if self.limit is not None and len(self.running) >= self.limit:
             self.pending.append(handle)
-        else:
-            self.running[handle] = None
-            try:
-                self._guard._start(handle)  # the backend's start, bound when the guard started
-            except BaseException:
-                self.start_failed(handle)
-                raise
+            return
+        self.running[handle] = None
+        try:
+            self.start(handle)
+        except BaseException:
+            self.start_failed(handle)
+            raise
 
     def start_failed(self, handle: TaskHandle[Any]) -> None:
         """Undo the accounting of a task whose start raised (e.g. a task factory
         that failed, a loop that is closing): it never ran, spawn() raises."""
         self.running.pop(handle, None)
-        self._guard._live -= 1
+        assert self.inflight is not None
+        self.inflight.done()
+        release(handle._coro)
         handle._coro.close()  # no "coroutine was never awaited" warning
 
     def task_done(self, handle: TaskHandle[Any]) -> None:
         """Account for a finished task; start the next pending one. Runs on the loop."""
-        state = handle._state
-        guard = self._guard
         if handle in self.abandoned:  # already accounted as stuck
             self.abandoned.discard(handle)
-            if state is FAILED:  # still logged and handed to the error_handler
-                guard._task_failed(handle)
+            _ABANDONED.discard(handle)
+            if handle._state is FAILED:  # still logged and handed to the error_handler
+                self._on_failure(handle)
             return
         self.running.pop(handle, None)
-        if state is CANCELLED:
+        state = handle._state
+        if state is COMPLETED:
+            self.completed += 1
+        elif state is CANCELLED:
             self.cancelled += 1
             if handle._cut:
                 self.cut += 1
-        elif state is FAILED:
-            self.failed += 1
         else:
-            self.completed += 1
+            self.failed += 1
         if self.pending:
             self._start_pending()
-        guard._live -= 1
-        if not guard._live and guard._wake is not None:
-            guard._wake.set()
+        assert self.inflight is not None
+        self.inflight.done()
         if state is FAILED:  # last: the bookkeeping above is done whatever the handler does
-            guard._task_failed(handle)
+            self._on_failure(handle)
 
     def _start_pending(self) -> None:
         """Start pending tasks while the limit allows, in order.
 
         A loop guarded by a flag, not a call per ended task: under an eager
-        task factory a started task may end inside ``_start``, and its end
+        task factory a started task may end inside ``start``, and its end
         would start the next one from within, one level deeper per task.
         """
         if self._pumping:
@@ -127,10 +157,10 @@ class Group:
                 nxt = self.pending.popleft()
                 self.running[nxt] = None
                 try:
-                    self._guard._start(nxt)
+                    self.start(nxt)
                 except Exception as exc:  # e.g. the loop is closing: nobody to raise to
                     nxt._coro.close()
-                    nxt._finish(FAILED, None, exc)
+                    nxt._ended(FAILED, None, exc)
         finally:
             self._pumping = False
 
@@ -142,16 +172,17 @@ class Group:
             return
         handle._cut = cut
         handle._coro.close()  # no "coroutine was never awaited" warning
-        handle._finish(CANCELLED, None, None)
+        handle._ended(CANCELLED, None, None)
 
     def abandon(self, handle: TaskHandle[Any]) -> None:
         """Stop waiting for a task of ``running`` that ignored its cancellation: it
-        counts as stuck, and its waiters get TaskCancelledError (``abandoned``
-        keeps a strong reference until it ends)."""
+        counts as stuck, and its waiters get TaskCancelledError."""
         del self.running[handle]
         self.abandoned.add(handle)
+        _ABANDONED.add(handle)
         self.stuck += 1
-        self._guard._live -= 1
+        assert self.inflight is not None
+        self.inflight.done()
         handle._abandoned()
 
     def cancel_all(self, cut: bool) -> None:
@@ -184,3 +215,13 @@ class Group:
             pending=len(self.pending),
             limit=self.limit,
         )
+
+
+def _not_started(handle: TaskHandle[Any]) -> None:
+    from ._exceptions import NotStartedError
+
+    raise NotStartedError("the guard has not started")
+
+
+def _ignore(handle: TaskHandle[Any]) -> None:
+    pass

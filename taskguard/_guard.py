@@ -1,33 +1,39 @@
-"""TaskGuard: the registry of background work, and its shutdown sequence."""
+"""TaskGuard: the registry of background work; the parts of a run, wired together."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
-from collections import Counter
 from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
+from contextlib import AbstractAsyncContextManager
 from types import CoroutineType, FunctionType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 
-from . import _current
-from ._backend import Backend, current_backend
-from ._config import GuardConfig
+from . import _coroutines, _current
+from ._backends import Backend, current_backend
+from ._config import GuardConfig, check_name, check_seconds
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
 from ._groups import Group
-from ._guarded import Guarded, SectionRegistry
-from ._handle import TaskHandle, start_asyncio, start_trio
-from ._hooks import Hook, ResourceKeeper
-from ._registry import HookRegistry
+from ._guarded import Guarded
+from ._handle import TaskHandle
+from ._hooks import STAGES, Hook, Hooks, Stage, hook_name
+from ._inflight import InFlight
 from ._report import GuardStats, ShutdownReport, State
-from ._shutdown import Shutdown
-from ._signals import SignalReceiver, on_signal
+from ._sections import Sections
+from ._shutdown import Run, Shutdown
+from ._signals import ExitSignals, signame
+from ._streams import GuardedStream, Streams
 
 if TYPE_CHECKING:
-    from ._streams import GuardedStream
+    from typing_extensions import TypeVarTuple, Unpack
+
+    from ._resources import ResourceKeeper
+    from ._watchdog import Watchdog
+
+    PosArgs = TypeVarTuple("PosArgs")
 
 __all__ = ["TaskGuard"]
 
@@ -40,7 +46,7 @@ _RUNNING = State.RUNNING
 _DRAINING = State.DRAINING
 
 
-class TaskGuard(HookRegistry, SectionRegistry):
+class TaskGuard:
     """The registry of an application's background work.
 
     Open it with ``async with guard:`` (or let ``taskguard.run`` or the ASGI
@@ -49,6 +55,9 @@ class TaskGuard(HookRegistry, SectionRegistry):
     registers ordered hooks. Shutdown (an exit signal, ``shutdown()``, or the
     end of the ``async with`` body) drains or cancels the work within
     ``exit_wait_timeout`` and leaves a :class:`ShutdownReport` in ``report``.
+    A closed guard can run again (``async with guard:`` once more): each run
+    starts with fresh groups and counts; hooks registered before the first
+    start stay.
     """
 
     def __init__(self, config: GuardConfig | Mapping[str, Any] | None = None, /, **overrides: Any):
@@ -63,44 +72,27 @@ class TaskGuard(HookRegistry, SectionRegistry):
         else:
             raise TypeError(f"TaskGuard() takes a GuardConfig, a dict or None, not {config!r}")
         self._state = State.IDLE
-        self._hooks: list[Hook] = []
-        self._warnings: list[str] = []
-        self._trigger_callbacks: list[Callable[[TaskGuard], object]] = []
-        self._report: ShutdownReport | None = None
+        self._hooks = Hooks(self.config)
+        #: the hard deadline of taskguard.run (set by it), armed at the trigger
+        self._watchdog: Watchdog | None = None
         self._new_run()
 
     def _new_run(self) -> None:
-        """Fresh per-run state: a guard runs again after it closed (a second ASGI
-        lifespan, a test client used twice). Hooks registered before the first
-        start stay; those registered while it ran belonged to that run."""
+        """The parts of one run, fresh (the first, or again after the guard closed)."""
         self._groups: dict[str, Group] = {}
-        self._live = 0  # running + pending tasks + open async sections
-        self._sections: dict[Guarded, None] = {}
-        self._thread_sections: dict[Guarded, None] = {}
-        self._thread_lock = threading.Lock()
-        self._section_counts = Counter[str]()
-        self._wake: anyio.Event | None = None  # set when _live drops to 0 during shutdown
-        self._hooks = [hook for hook in self._hooks if hook.before_start]
-        if self._hooks:
-            self._check_grace_period()
+        self._inflight = InFlight()
+        self._sections: Sections | None = None  # made at start: they need the backend
+        self._streams: Streams | None = None
         self._keeper: ResourceKeeper | None = None
-        # open streams, held weakly (_streams._Tracked); the supervisor calls _interrupt()
-        self._streams: dict[Any, None] = {}
-        self._stream_outcomes = Counter[str]()
-        self._warnings = []
-        self._signals_seen = 0
         self._backend: Backend | None = None
         self._thread_id = 0
         self._shutdown: Shutdown | None = None
         self._system_tasks: list[object] = []
-        self._signals: SignalReceiver | None = None
         self._context_token: Any = None
-        self._start: Callable[[TaskHandle[Any]], None] = _not_started
-        self._scope_class: Callable[..., anyio.CancelScope] = anyio.CancelScope
-        self._current_task: Callable[[], object] = _no_task
+        self._signals = ExitSignals(self._on_signal, None, self._arm_hard_deadline, self._die)
 
     def __repr__(self) -> str:
-        return f"<TaskGuard state={self._state.value} live={self._live}>"
+        return f"<TaskGuard state={self._state.value} live={self._inflight.count}>"
 
     # -- state ---------------------------------------------------------------------
 
@@ -115,18 +107,43 @@ class TaskGuard(HookRegistry, SectionRegistry):
 
     @property
     def report(self) -> ShutdownReport:
-        """The report of the shutdown; available once the guard is closed."""
-        if self._report is None:
+        """The report of the last shutdown; available once the guard is closed."""
+        report = None if self._shutdown is None else self._shutdown.report
+        if report is None:
             raise RuntimeError(
                 f"the guard is {self._state.value}: its report is built when it closes"
             )
-        return self._report
+        return report
 
     def remaining(self) -> float:
         """Seconds left of the exit wait (the whole exit wait before shutdown starts)."""
         if self._shutdown is None or self._backend is None:
             return self.config.exit_wait_timeout
         return max(0.0, self._shutdown.deadline - self._backend.time())
+
+    def stats(self) -> GuardStats:
+        """A snapshot for metrics endpoints: running and pending per group, open sections."""
+        sections, streams = self._sections, self._streams
+        return GuardStats(
+            state=self._state,
+            ready=self.ready,
+            groups={name: g.stats() for name, g in self._groups.items()},
+            guarded=0 if sections is None else len(sections.open) + len(sections.threads),
+            streams=0 if streams is None else len(streams.open),
+        )
+
+    def _set_state(self, state: State) -> None:
+        """The one place the state changes; the parts that refuse work follow it."""
+        self._state = state
+        if self._sections is not None:
+            self._sections.accepting = state is _RUNNING or state is _DRAINING
+        if state is State.STOPPING:
+            self._hooks.close(
+                "the guard is stopping: the shutdown's budget is fixed (a hook that "
+                "registers hooks would otherwise never let it end)"
+            )
+        elif state is State.CLOSED:
+            self._hooks.close("the guard is closed: its hooks already ran")
 
     # -- for integrations ------------------------------------------------------------
     # The ASGI middleware, the gRPC interceptor and the pytest helpers use these,
@@ -150,40 +167,33 @@ class TaskGuard(HookRegistry, SectionRegistry):
         refuses new sections.
         """
         section = Guarded(self, name, False)
-        section._attach(self, scope)
+        if self._sections is None:
+            self._refuse_section(name)
+        assert self._sections is not None
+        section._attach(self._sections, scope)
         return section
 
     def in_section(self) -> bool:
         """Whether the calling task holds an open guarded section of this guard."""
-        task = self._backend_current_task()
-        return any(section._task is task for section in self._sections)
+        sections = self._sections
+        return sections is not None and sections.holds(sections.current_task())
 
     @property
     def signals_seen(self) -> int:
-        """How many exit signals the guard has been given so far."""
-        return self._signals_seen
+        """How many exit signals the guard has been given so far (this run)."""
+        return self._signals.count
 
     @property
     def forced(self) -> bool:
         """Whether the shutdown was forced (a second exit signal, ``shutdown(force=True)``)."""
         return self._shutdown is not None and self._shutdown.forced
 
-    def stats(self) -> GuardStats:
-        """A snapshot for metrics endpoints: running and pending per group, open sections."""
-        return GuardStats(
-            state=self._state,
-            ready=self.ready,
-            groups={name: g.stats() for name, g in self._groups.items()},
-            guarded=len(self._sections) + len(self._thread_sections),
-            streams=len(self._streams),
-        )
-
     # -- lifecycle -------------------------------------------------------------------
 
     async def __aenter__(self) -> TaskGuard:
         if self._state is State.CLOSED:
             self._new_run()
-            self._report = None
+            self._hooks.new_run()
             self._state = State.IDLE
         elif self._state is not State.IDLE:
             raise RuntimeError(
@@ -192,42 +202,45 @@ class TaskGuard(HookRegistry, SectionRegistry):
             )
         backend = self._backend = current_backend()
         self._thread_id = threading.get_ident()
-        # Resolved once, not per guarded section: anyio.CancelScope() looks the
-        # backend up on every call (sniffio + a factory), about 40% of a bare
-        # scope's cost on asyncio; the backend's own class builds the same object.
-        self._scope_class = backend.cancel_scope
-        self._current_task = backend.current_task_function()
-        if backend.name == "asyncio":
-            loop = asyncio.get_running_loop()
-            # a C partial, not a lambda: one Python frame less per spawn
-            self._start = functools.partial(start_asyncio, loop)
-        else:
-            self._start = start_trio
+        inflight = self._inflight
+        self._sections = Sections(inflight, backend, self._refuse_section)
+        self._streams = Streams(inflight)
         for name in self.config.groups:
             self._group(name)
         self._group("default")
-        self._shutdown = Shutdown(self)
-        self._state = State.RUNNING
+        for grp in self._groups.values():  # made before the start (refused spawns)
+            grp.bind(backend, inflight, self._task_failed)
+        shutdown = self._shutdown = Shutdown(
+            Run(
+                self.config,
+                backend,
+                self._groups,
+                inflight,
+                self._sections,
+                self._streams,
+                self._hooks,
+                self._set_state,
+                on_trigger=self._arm_hard_deadline,
+                on_close=self._closing,
+            )
+        )
+        self._signals.bind(backend.call_soon_threadsafe)
+        self._set_state(State.RUNNING)
         self._context_token = _current.enter(self)
         self._system_tasks.append(
-            backend.start_system_task(self._shutdown.run, name="taskguard-supervisor")
+            backend.start_system_task(shutdown.run, name="taskguard-supervisor")
         )
         if self.config.handle_signals:
-            receiver = self._signals = SignalReceiver(self)
-            self._system_tasks.append(
-                backend.start_system_task(receiver.run, name="taskguard-signals")
-            )
             # The handlers are in place before the body (or run()'s main) starts.
-            with anyio.CancelScope(shield=True):
-                await receiver.ready.wait()
-            if receiver.error is not None:
+            try:
+                self._signals.install(self.config.exit_signals)
+            except (RuntimeError, ValueError, OSError) as exc:
                 self.shutdown(reason="signal handlers could not be installed")
                 await self.wait_closed()
                 _current.leave(self, self._context_token)
                 raise RuntimeError(
-                    f"taskguard could not install its exit-signal handlers: {receiver.error} "
-                    "(signals can only be handled in the main thread; set handle_signals=False)"
-                ) from receiver.error
+                    f"taskguard could not install its exit-signal handlers: {exc}"
+                ) from exc
         return self
 
     async def __aexit__(
@@ -245,11 +258,17 @@ class TaskGuard(HookRegistry, SectionRegistry):
         await self.wait_closed()
         _current.leave(self, self._context_token)
 
+    def _closing(self) -> None:
+        """The sequence is done: let go of what this run held (resources, signals)."""
+        if self._keeper is not None:
+            self._keeper.close()
+        self._signals.restore()
+        self._signals.detach()
+        self._system_tasks.clear()
+
     async def wait_for_shutdown(self) -> None:
         """Return once shutdown is requested (an exit signal or ``shutdown()``)."""
-        if self._shutdown is None:
-            raise NotStartedError("the guard has not started: enter it with `async with guard:`")
-        await self._shutdown.triggered.wait()
+        await self._started().triggered.wait()
 
     async def wait_for_intake_stop(self) -> None:
         """Return once the server should stop accepting work: ``drain_delay`` after
@@ -261,9 +280,7 @@ class TaskGuard(HookRegistry, SectionRegistry):
         awaitable shutdown trigger, e.g.
         ``hypercorn.asyncio.serve(app, config, shutdown_trigger=guard.wait_for_intake_stop)``.
         """
-        if self._shutdown is None:
-            raise NotStartedError("the guard has not started: enter it with `async with guard:`")
-        await self._shutdown.intake_stop.wait()
+        await self._started().intake_stop.wait()
 
     async def wait_closed(self) -> ShutdownReport:
         """Wait until the guard is closed (a bounded wait) and return the report.
@@ -271,11 +288,15 @@ class TaskGuard(HookRegistry, SectionRegistry):
         Shielded: a caller that is cancelled meanwhile still waits for the
         bounded shutdown, so nothing outlives it unreported.
         """
+        shutdown = self._started()
+        with anyio.CancelScope(shield=True):
+            await shutdown.closed.wait()
+        return self.report
+
+    def _started(self) -> Shutdown:
         if self._shutdown is None:
             raise NotStartedError("the guard has not started: enter it with `async with guard:`")
-        with anyio.CancelScope(shield=True):
-            await self._shutdown.closed.wait()
-        return self.report
+        return self._shutdown
 
     def shutdown(self, reason: str | None = None, *, force: bool = False) -> None:
         """Request shutdown; idempotent, from any task or thread.
@@ -287,11 +308,15 @@ class TaskGuard(HookRegistry, SectionRegistry):
             raise NotStartedError(
                 "shutdown() on a guard that has not started: enter it with `async with guard:`"
             )
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"shutdown() takes a reason (str) or None, not {reason!r}")
         if threading.get_ident() != self._thread_id:
             assert self._backend is not None
             self._backend.call_soon_threadsafe(lambda: self.shutdown(reason, force=force))
             return
         shutdown.request(reason or "shutdown()", force)
+
+    # -- exit signals and the hard deadline -----------------------------------------
 
     def handle_signal(self, signum: int) -> None:
         """Deliver an exit signal: the first starts shutdown, the second forces it,
@@ -299,41 +324,67 @@ class TaskGuard(HookRegistry, SectionRegistry):
 
         Safe to call from a ``signal.signal`` handler and from other threads.
         """
-        self._signals_seen += 1
-        if self._signals_seen >= 3:
-            from ._runner import hard_exit
-            from ._signals import signame
+        self._signals.receive(signum)
 
-            hard_exit(self, f"third exit signal ({signame(signum)})", 128 + int(signum))
-        backend = self._backend
-        if backend is None or self._state is State.CLOSED:
+    def _on_signal(self, signum: int, count: int) -> None:
+        """Exit signal number ``count``, on the loop thread: shut down, then force."""
+        if self._state is State.CLOSED or self._shutdown is None:
             return
-        count = self._signals_seen
-        backend.call_soon_threadsafe(lambda: on_signal(self, signum, count))
+        name = signame(signum)
+        if count == 1:
+            logger.info("exit signal %s: shutting down", name)
+            self._shutdown.request(f"signal {name}", False)
+        else:
+            logger.warning("second exit signal %s: forcing shutdown", name)
+            self._shutdown.request(f"signal {name}", True)
+
+    def _arm_hard_deadline(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.arm()
+
+    def _budget(self) -> float:
+        """The longest the shutdown sequence may take, from its trigger."""
+        cfg = self.config
+        return cfg.exit_wait_timeout + cfg.cancel_grace + self._hooks.worst_case()
+
+    def _die(self, signum: int) -> None:
+        from ._watchdog import hard_exit
+
+        hard_exit(f"third exit signal ({signame(signum)})", 128 + int(signum), self._left)
+
+    def _left(self) -> list[str]:
+        """What still runs, and what was given up on, for the hard deadline's log."""
+        shutdown = self._shutdown
+        if shutdown is None:
+            return []
+        lines = [
+            f"  still running: {name} ({where}) for {age:.1f}s"
+            for name, where, age in shutdown.outstanding()
+        ]
+        for item in shutdown.stuck:
+            lines.append(f"  stuck: {item.name} ({item.group}) for {item.age:.1f}s")
+            lines.extend("    " + ln for ln in item.stack.rstrip().splitlines())
+        return lines
 
     # -- spawning ------------------------------------------------------------------
 
     @overload
     def spawn(
-        self,
-        fn: Coroutine[Any, Any, T],
-        /,
-        *,
-        group: str = ...,
-        name: str | None = ...,
+        self, fn: Coroutine[Any, Any, T], /, *, group: str = ..., name: str | None = ...
     ) -> TaskHandle[T]: ...
 
     @overload
     def spawn(
         self,
-        fn: Callable[..., Coroutine[Any, Any, T]],
+        fn: Callable[[Unpack[PosArgs]], Coroutine[Any, Any, T]],
         /,
-        *args: Any,
+        *args: Unpack[PosArgs],
         group: str = ...,
         name: str | None = ...,
     ) -> TaskHandle[T]: ...
 
-    def spawn(
+    # (mypy cannot match an implementation's *args against a TypeVarTuple overload)
+    def spawn(  # type: ignore[misc]
         self, fn: Any, /, *args: Any, group: str = "default", name: str | None = None
     ) -> TaskHandle[Any]:
         """Start ``fn(*args)`` (or a coroutine object) as background work in ``group``.
@@ -342,34 +393,41 @@ class TaskGuard(HookRegistry, SectionRegistry):
         :class:`ShuttingDownError` once the guard refuses work (a ``cancel``
         group from the drain on, every group from stopping on),
         :class:`NotStartedError` before the guard started and
-        :class:`GroupFullError` when the group's ``pending_limit`` is reached.
+        :class:`GroupFullError` when the group's ``pending_limit`` is reached;
+        TypeError for what is not an async function (or a fresh coroutine).
         """
-        grp = self._groups.get(group)
-        if grp is None:
-            grp = self._new_group(group)
-        if self._state is not _RUNNING:
-            self._check_intake(grp, fn)
-        if threading.get_ident() != self._thread_id:
-            _close_refused(fn)
-            raise RuntimeError(
-                "spawn() was called from a worker thread; call it on the event loop, e.g. "
-                "anyio.from_thread.run_sync(guard.spawn, fn)"
-            )
+        try:
+            if name is not None and type(name) is not str:
+                check_name(name)
+            grp = self._groups.get(group)
+            if grp is None:
+                grp = self._new_group(group)
+            if threading.get_ident() != self._thread_id and self._state is not State.IDLE:
+                raise RuntimeError(
+                    "spawn() was called from a worker thread; call it on the event loop, e.g. "
+                    "anyio.from_thread.run_sync(guard.spawn, fn)"
+                )
+            if self._state is not _RUNNING:
+                self._check_intake(grp)
+        except BaseException:
+            _coroutines.close_refused(fn)
+            raise
         kind = type(fn)
         if kind is FunctionType:  # spawn(async_fn, *args), the common form: no extra frame
             coro = fn(*args)
             if type(coro) is not CoroutineType:
-                coro = _check_coroutine(fn, coro)
+                coro = _coroutines.checked(fn, coro)
         elif kind is CoroutineType and not args:
-            coro = fn
+            coro = _coroutines.take(fn)
         else:
-            coro = _make_coroutine(fn, args)
+            coro = _coroutines.coroutine_of(fn, args)
         if (
             grp.pending_limit is not None
             and grp.limit is not None
             and len(grp.running) >= grp.limit
             and len(grp.pending) >= grp.pending_limit
         ):
+            _coroutines.release(coro)
             coro.close()  # spawn took it over: no "never awaited" warning
             grp.refused += 1
             raise GroupFullError(
@@ -379,9 +437,9 @@ class TaskGuard(HookRegistry, SectionRegistry):
         handle: TaskHandle[Any] = TaskHandle(grp, coro, name)
         if grp.limit is None:  # Group.submit's common case, inlined: spawn is on every request
             grp.running[handle] = None
-            self._live += 1  # before the start: an eager task may end inside it
+            self._inflight.add()  # before the start: an eager task may end inside it
             try:
-                self._start(handle)
+                grp.start(handle)
             except BaseException:
                 grp.start_failed(handle)
                 raise
@@ -397,15 +455,21 @@ class TaskGuard(HookRegistry, SectionRegistry):
     def _group(self, name: str) -> Group:
         grp = self._groups.get(name)
         if grp is None:
-            grp = self._groups[name] = Group(self, name, self.config.group(name))
+            grp = self._groups[name] = Group(name, self.config.group(name))
+            if self._backend is not None:
+                grp.bind(self._backend, self._inflight, self._task_failed)
+            if self._shutdown is not None and self._shutdown.triggered.is_set():
+                self._shutdown.set_group_deadline(grp)
         return grp
 
-    def _check_intake(self, grp: Group, fn: object) -> None:
+    def _check_intake(self, grp: Group) -> None:
         state = self._state
         if state is _DRAINING and grp.drains and not grp.closed:
-            return
+            assert self._backend is not None
+            if self._backend.time() < grp.deadline:
+                return
+            grp.closed = True  # its timeout passed (checked here too: the loop may be busy)
         grp.refused += 1
-        _close_refused(fn)
         if state is State.IDLE:
             raise NotStartedError(
                 "spawn() before the guard started: enter it with `async with guard:` "
@@ -453,6 +517,99 @@ class TaskGuard(HookRegistry, SectionRegistry):
         """
         return Guarded(self, name, shield)
 
+    def _refuse_section(self, name: str) -> None:
+        """Raise why a new section (or stream, or resource) is refused now."""
+        if self._state is State.IDLE:
+            raise NotStartedError(
+                f"guarded({name!r}) before the guard started: enter it with `async with guard:`"
+            )
+        raise ShuttingDownError(f"guarded({name!r}) refused: the guard is {self._state.value}")
+
+    def _wrong_thread(self, name: str) -> None:
+        raise RuntimeError(
+            f"guarded({name!r}) was entered in another thread than the guard's event loop; "
+            "in a worker thread use the sync form `with guard.guarded():`"
+        )
+
+    # -- hooks and resources -----------------------------------------------------------
+
+    @overload
+    def on_shutdown(
+        self, fn: F, /, *, stage: Stage = ..., timeout: float | None = ..., name: str | None = ...
+    ) -> F: ...
+
+    @overload
+    def on_shutdown(
+        self,
+        fn: None = ...,
+        /,
+        *,
+        stage: Stage = ...,
+        timeout: float | None = ...,
+        name: str | None = ...,
+    ) -> Callable[[F], F]: ...
+
+    def on_shutdown(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        stage: Stage = "after_drain",
+        timeout: float | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Register a shutdown hook (sync or async, no arguments); also a decorator.
+
+        ``stage="before_drain"`` hooks stop intake (close listeners, deregister)
+        and must not wait for in-flight work; ``"after_drain"`` hooks (the
+        default) close what the background work used. Within a stage, the last
+        registered runs first. Async hooks are cancelled at ``timeout``
+        (default ``hook_timeout``). Refused (ShuttingDownError) from the
+        stopping phase on.
+        """
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
+        hook_timeout = self.config.hook_timeout
+        if timeout is not None:
+            hook_timeout = check_seconds(timeout, "timeout")
+        check_name(name)
+
+        def register(func: F) -> F:
+            if not callable(func):
+                raise TypeError(f"on_shutdown() takes a function, not {func!r}")
+            hook = Hook(func, stage, hook_timeout, name or hook_name(func))
+            self._hooks.add(hook, before_start=self._shutdown is None)
+            return func
+
+        return register if fn is None else register(fn)
+
+    async def enter_async_context(self, cm: AbstractAsyncContextManager[T]) -> T:
+        """Enter ``cm`` now and exit it after the drain (last entered first).
+
+        One dedicated task of the guard enters and exits every such context, so
+        anyio task groups and cancel scopes work as resources. Its exit is an
+        ``after_drain`` step bounded by ``hook_timeout``.
+        """
+        if not hasattr(cm, "__aenter__") or not hasattr(cm, "__aexit__"):
+            raise TypeError(f"enter_async_context() takes an async context manager, not {cm!r}")
+        if self._state is not _RUNNING and self._state is not _DRAINING:
+            self._refuse_section("enter_async_context")
+        if self._keeper is None:
+            from ._resources import ResourceKeeper
+
+            keeper = self._keeper = ResourceKeeper(self._resource_entered)
+            self._system_tasks.append(
+                self.backend.start_system_task(keeper.run, name="taskguard-resources")
+            )
+        return await self._keeper.enter(cm)  # type: ignore[no-any-return]
+
+    def _resource_entered(self, cm: AbstractAsyncContextManager[Any]) -> None:
+        assert self._keeper is not None
+        # an @asynccontextmanager is better known by its function's name
+        gen = getattr(cm, "gen", None)
+        name = f"exit {hook_name(gen) if gen is not None else type(cm).__qualname__}"
+        self._hooks.add(self._keeper.exit_hook(cm, name, self.config.hook_timeout))
+
     # -- streams ---------------------------------------------------------------------
 
     @overload
@@ -497,8 +654,6 @@ class TaskGuard(HookRegistry, SectionRegistry):
         ``source=None`` gives a stream for integrations that send themselves
         (``await stream.send(send_fn, message)``).
         """
-        from ._streams import GuardedStream
-
         return GuardedStream(
             self,
             source,
@@ -507,47 +662,3 @@ class TaskGuard(HookRegistry, SectionRegistry):
             max_duration=max_duration,
             raise_on_end=raise_on_end,
         )
-
-
-def _make_coroutine(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
-    # A coroutine object is not callable: test callable() first, so the common
-    # spawn(async_fn, ...) skips asyncio.iscoroutine's ABC isinstance check on fn.
-    if isinstance(fn, TaskHandle):
-        raise TypeError(
-            "spawn() got a TaskHandle (a task already spawned); to wait for it, "
-            "spawn an async function that awaits handle.wait()"
-        )
-    if not callable(fn):
-        if asyncio.iscoroutine(fn):
-            if args:
-                raise TypeError(
-                    "spawn() got a coroutine object and arguments; pass one or the other"
-                )
-            return fn
-        raise TypeError(f"spawn() takes an async function or a coroutine object, not {fn!r}")
-    return _check_coroutine(fn, fn(*args))
-
-
-def _check_coroutine(fn: Any, coro: Any) -> Coroutine[Any, Any, Any]:
-    if type(coro) is CoroutineType or asyncio.iscoroutine(coro):
-        return coro
-    raise TypeError(
-        f"spawn() takes an async function, but {getattr(fn, '__qualname__', fn)!r} returned "
-        f"{type(coro).__name__} (it ran synchronously in the caller). For blocking work, "
-        "spawn an async function that calls anyio.to_thread.run_sync()"
-    )
-
-
-def _close_refused(fn: object) -> None:
-    # spawn() takes over a coroutine object: a refused one is closed, so Python
-    # does not warn that it was never awaited.
-    if type(fn) is CoroutineType:
-        fn.close()
-
-
-def _no_task() -> object:
-    return None
-
-
-def _not_started(handle: TaskHandle[Any]) -> None:
-    raise NotStartedError("the guard has not started")

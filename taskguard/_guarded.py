@@ -12,21 +12,15 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
-from ._backend import Backend, thread_stack
-from ._exceptions import NotStartedError, ShuttingDownError
-from ._report import State
+from ._exceptions import ShuttingDownError
 
 if TYPE_CHECKING:
-    from collections import Counter
-
     from ._guard import TaskGuard
+    from ._sections import Sections
 
-__all__ = ["Guarded", "SectionRegistry"]
+__all__ = ["Guarded", "is_cancellation"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_RUNNING = State.RUNNING
-_DRAINING = State.DRAINING
 
 _THREAD_LOCK = threading.Lock()
 
@@ -47,8 +41,8 @@ class Guarded:
         "_guard",
         "_name",
         "_open",
-        "_owner",
         "_scope",
+        "_sections",
         "_shared",
         "_shield",
         "_started",
@@ -60,7 +54,7 @@ class Guarded:
         if name is not None and not isinstance(name, str):
             raise TypeError(f"guarded() takes a section name (str) or None, not {name!r}")
         self._guard = guard
-        self._owner = guard  # the guard the open section belongs to (found at entry)
+        self._sections: Sections | None = None  # the sections it was entered in
         self._name = name
         self._shield = shield
         self._scope: anyio.CancelScope | None = None
@@ -94,31 +88,37 @@ class Guarded:
             self._push(child._task, child)
             return self
         guard = self._guard or self._resolve()
-        scope = guard._scope_class(shield=self._shield)
-        self._attach(guard, scope)
+        sections = guard._sections
+        if sections is None:
+            guard._refuse_section(self.name)  # not started
+        assert sections is not None
+        if threading.get_ident() != sections.thread_id:
+            guard._wrong_thread(self.name)  # e.g. another thread's event loop
+        # The scope first: an entry that raises must leave nothing counted behind.
+        scope = sections.new_scope(shield=self._shield)
         scope.__enter__()
+        try:
+            self._attach(sections, scope)
+        except BaseException:
+            scope.__exit__(None, None, None)
+            raise
         return self
 
-    def _attach(self, guard: TaskGuard, scope: anyio.CancelScope) -> None:
+    def _attach(self, sections: Sections, scope: anyio.CancelScope) -> None:
         """Open this section with ``scope`` as its cancel scope; the caller enters
-        and exits the scope and closes the section with :meth:`_detach`.
+        and exits the scope and closes the section with :meth:`close`.
 
         ``__aenter__`` uses it with a scope of its own. The ASGI middleware passes
-        the scope it runs the app in, so that one scope per request serves both
-        (a cancel scope is the largest cost of a request's bookkeeping).
+        the scope it runs the app in (``guard.open_section``), so that one scope
+        per request serves both (a cancel scope is the largest cost of a
+        request's bookkeeping).
         """
-        # The registry's side of opening a section, here (not a registry method):
-        # one call less on every request's path
-        state = guard._state
-        if state is not _RUNNING and state is not _DRAINING:
-            guard._refuse_section(self.name)
-        guard._sections[self] = None
-        guard._live += 1
-        self._owner = guard
+        sections.enter(self)
+        self._sections = sections
         self._open = True
         self._cut = False
         self._started = time.monotonic()
-        self._task = guard._current_task()
+        self._task = sections.current_task()
         self._scope = scope
 
     @property
@@ -128,14 +128,10 @@ class Guarded:
 
     def close(self, cancelled: bool) -> None:
         """Close a section opened with ``guard.open_section()`` (after its scope exited)."""
-        self._detach(cancelled)
-
-    def _detach(self, cancelled: bool) -> None:
-        """Close a section opened with :meth:`_attach` (after its scope exited)."""
         self._scope = None
         self._open = False
-        assert self._owner is not None
-        self._owner._close_section(self, cancelled)
+        assert self._sections is not None
+        self._sections.exit(self, cancelled)
 
     async def __aexit__(
         self,
@@ -143,21 +139,21 @@ class Guarded:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        guard = self._owner
-        assert guard is not None, "guarded section exited, never entered"
+        sections = self._sections
+        assert sections is not None, "guarded section exited, never entered"
         if self._shared:
-            child = self._pop(guard._backend_current_task())
+            child = self._pop(sections.current_task())
             if child is not None:
                 return await child.__aexit__(exc_type, exc, tb)
         scope = self._scope
         assert scope is not None, "guarded section exited, never entered"
         self._scope = None
         self._open = False
-        cancelled = exc is not None and _is_cancellation(exc)
+        cancelled = exc is not None and is_cancellation(exc)
         try:
             swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
-            guard._close_section(self, cancelled)
+            sections.exit(self, cancelled)
         if self._cut and (swallowed or cancelled):
             raise ShuttingDownError(
                 f"guarded section {self.name!r} was cut at the shutdown deadline"
@@ -191,10 +187,15 @@ class Guarded:
                 self._push(child._thread, child)
             return self
         try:
-            guard = self._owner = self._guard or self._resolve()
+            guard = self._guard or self._resolve()
+            sections = guard._sections
+            if sections is None:
+                guard._refuse_section(self.name)
+            assert sections is not None
             self._thread = threading.get_ident()
             self._started = time.monotonic()
-            guard._open_thread_section(self)
+            sections.enter_thread(self)
+            self._sections = sections
         except BaseException:
             self._open = False
             raise
@@ -206,15 +207,15 @@ class Guarded:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        guard = self._owner
-        assert guard is not None, "guarded section exited, never entered"
+        sections = self._sections
+        assert sections is not None, "guarded section exited, never entered"
         if self._shared:
             with _THREAD_LOCK:
                 child = self._pop(threading.get_ident())
             if child is not None:
                 child.__exit__(exc_type, exc, tb)
                 return
-        guard._close_thread_section(self)
+        sections.exit_thread(self)
         self._open = False
 
     # -- decorator ---------------------------------------------------------------
@@ -242,80 +243,9 @@ class Guarded:
         return cast(F, sync_wrapper)
 
 
-def _is_cancellation(exc: BaseException) -> bool:
+def is_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is the running backend's cancellation exception."""
     try:
         return isinstance(exc, anyio.get_cancelled_exc_class())
     except Exception:  # no event loop (a sync section): nothing to compare with
         return False
-
-
-class SectionRegistry:
-    """Mixin of :class:`TaskGuard`: the bookkeeping of open guarded sections.
-
-    Async sections count in ``_live`` like tasks (the drain waits for both);
-    worker-thread sections are kept under a lock and wake the loop through the
-    backend when the last one closes.
-    """
-
-    if TYPE_CHECKING:
-        _state: State
-        _live: int
-        _sections: dict[Guarded, None]
-        _thread_sections: dict[Guarded, None]
-        _thread_lock: threading.Lock
-        _section_counts: Counter[str]
-        _wake: anyio.Event | None
-        _backend: Backend | None
-        _thread_id: int
-
-    def _refuse_section(self, name: str) -> None:
-        if self._state is State.IDLE:
-            raise NotStartedError(
-                f"guarded({name!r}) before the guard started: enter it with `async with guard:`"
-            )
-        raise ShuttingDownError(f"guarded({name!r}) refused: the guard is {self._state.value}")
-
-    def _close_section(self, section: Guarded, cancelled: bool = False) -> None:
-        if self._sections.pop(section, 0) is not None:
-            return  # already accounted (abandoned as stuck)
-        if section._cut:
-            self._section_counts["cut"] += 1
-        else:
-            self._section_counts["cancelled" if cancelled else "completed"] += 1
-        self._live -= 1
-        if not self._live and self._wake is not None:
-            self._wake.set()
-
-    def _backend_current_task(self) -> object:
-        backend = self._backend
-        return backend.current_task() if backend is not None else None
-
-    def _open_thread_section(self, section: Guarded) -> None:
-        with self._thread_lock:
-            state = self._state
-            if state is State.RUNNING or state is State.DRAINING:
-                self._thread_sections[section] = None
-                return
-        self._refuse_section(section.name)
-
-    def _close_thread_section(self, section: Guarded) -> None:
-        with self._thread_lock:
-            if self._thread_sections.pop(section, 0) is not None:
-                return  # abandoned as stuck: already accounted
-            self._section_counts["completed"] += 1
-            empty = not self._thread_sections
-        if empty and self._backend is not None and self._wake is not None:
-            if threading.get_ident() == self._thread_id:
-                self._poke()
-            else:
-                self._backend.call_soon_threadsafe(self._poke)
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _idle(self) -> bool:
-        return not self._live and not self._thread_sections
-
-    def thread_stack(self, section: Guarded) -> str:
-        return thread_stack(section._thread)

@@ -1,34 +1,31 @@
-"""Shutdown hooks and resources (async context managers closed after the drain)."""
+"""Shutdown hooks: the registry that owns their order and budget, and how one runs."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._config import HOOK_ABANDON_GRACE
+from ._exceptions import ShuttingDownError
 from ._report import HookReport
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._backends import Backend
+    from ._config import GuardConfig
 
-__all__ = ["STAGES", "Hook", "ResourceKeeper", "hook_name", "run_hook"]
+__all__ = ["STAGES", "Hook", "Hooks", "hook_name", "run_hook"]
 
 logger = logging.getLogger("taskguard")
 
 Stage = Literal["before_drain", "after_drain"]
 STAGES: tuple[Stage, ...] = ("before_drain", "after_drain")
 
-#: how long a cancelled async hook may take to unwind before it is abandoned
-HOOK_ABANDON_GRACE = 0.5
-
-#: async hooks that ignored their cancellation: strong references, so they are
-#: never garbage collected mid-flight
-_ABANDONED_HOOKS: list[object] = []
+#: async hooks that ignored their cancellation and still run: strong references,
+#: so they are never garbage collected mid-flight; each leaves when it ends
+_ABANDONED_HOOKS: set[_HookRun] = set()
 
 
 class Hook:
@@ -54,6 +51,12 @@ class Hook:
         #: registered before the guard first started: kept for its later runs
         self.before_start = False
 
+    def worst_case(self) -> float:
+        """The longest this step can take: its timeout, the backstop, then the
+        grace an async hook that ignores its cancellation gets before it is
+        abandoned."""
+        return self.timeout + self.backstop + HOOK_ABANDON_GRACE
+
 
 def hook_name(fn: object) -> str:
     """The function's (qualified) name, without the ``<locals>`` noise of nested functions."""
@@ -61,6 +64,91 @@ def hook_name(fn: object) -> str:
     if not isinstance(name, str):
         return repr(fn)
     return name.rsplit("<locals>.", 1)[-1]
+
+
+class Hooks:
+    """The shutdown hooks of one guard, and the one owner of their order:
+    stages in order, last registered first within a stage, a hook registered
+    while its stage runs is run too (newest first).
+
+    Registration is refused once it could no longer be honoured: for a stage
+    that already ran, and for every stage from the stopping phase on (a hook
+    that registers itself again would otherwise never let the shutdown end).
+    """
+
+    def __init__(self, config: GuardConfig) -> None:
+        self._config = config
+        self._hooks: list[Hook] = []
+        self._stages_done: set[str] = set()
+        self._refusal: str | None = None  # why registration is closed, once it is
+        self.warnings: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._hooks)
+
+    def add(self, hook: Hook, *, before_start: bool = False) -> None:
+        if self._refusal is not None:
+            raise ShuttingDownError(f"on_shutdown({hook.name!r}) refused: {self._refusal}")
+        if hook.stage in self._stages_done:
+            raise ShuttingDownError(
+                f"the {hook.stage} hooks already ran; {hook.name!r} would never run"
+            )
+        hook.before_start = before_start
+        self._hooks.append(hook)
+        if hook.stage == "after_drain":
+            self._check_grace_period()
+
+    def close(self, why: str) -> None:
+        """Refuse further registrations (the stopping phase began, or the guard closed)."""
+        self._refusal = why
+
+    def new_run(self) -> None:
+        """Keep the hooks registered before the first start; the rest belonged to the
+        run that ended."""
+        self._hooks = [hook for hook in self._hooks if hook.before_start]
+        self._stages_done.clear()
+        self._refusal = None
+        self.warnings = []
+        if self._hooks:
+            self._check_grace_period()
+
+    def next(self, stage: Stage, done: set[Hook]) -> Hook | None:
+        """The newest hook of ``stage`` not yet in ``done`` (registrations may arrive
+        while earlier ones run)."""
+        for hook in reversed(self._hooks):
+            if hook.stage == stage and hook not in done:
+                return hook
+        return None
+
+    def stage_done(self, stage: Stage) -> None:
+        self._stages_done.add(stage)
+
+    def ran(self, stage: Stage) -> bool:
+        return stage in self._stages_done
+
+    def worst_case(self) -> float:
+        """The longest the hooks can make a shutdown (on top of the exit wait and the
+        cancel grace): every after_drain step's worst case, and the abandon grace
+        of every before_drain hook (they are cut at the exit wait, then given it)."""
+        return sum(
+            hook.worst_case() if hook.stage == "after_drain" else HOOK_ABANDON_GRACE
+            for hook in self._hooks
+        )
+
+    def _check_grace_period(self) -> None:
+        cfg = self._config
+        if cfg.grace_period is None:
+            return
+        worst = cfg.exit_wait_timeout + cfg.cancel_grace + self.worst_case()
+        if worst > cfg.grace_period:
+            msg = (
+                f"grace_period {cfg.grace_period:g}s is shorter than the worst-case shutdown "
+                f"{worst:g}s (exit_wait_timeout + cancel_grace + the hooks' timeouts and "
+                "grace)"
+            )
+            if msg not in self.warnings:
+                self.warnings.append(msg)
+                logger.warning(msg)
 
 
 def _describe(exc: BaseException) -> str:
@@ -85,6 +173,7 @@ class _HookRun:
             self.error = exc
         finally:
             self.done.set()
+            _ABANDONED_HOOKS.discard(self)
 
 
 async def run_hook(hook: Hook, limit: float, backend: Backend) -> HookReport:
@@ -118,152 +207,20 @@ async def run_hook(hook: Hook, limit: float, backend: Backend) -> HookReport:
                     error = f"cancelled at its {limit:g}s timeout"
                 else:
                     error = f"ignored its cancellation at its {limit:g}s timeout; abandoned"
-                    _ABANDONED_HOOKS.append(job)
+                    _ABANDONED_HOOKS.add(job)
             elif job.error is not None:
                 outcome, error, failure = "error", _describe(job.error), job.error
         elif anyio.current_time() - start > limit:
             outcome = "timeout"
             error = f"sync hook ran {anyio.current_time() - start:.3f}s, over its {limit:g}s"
     duration = anyio.current_time() - start
-    if failure is not None:
-        logger.error("shutdown hook %s (%s) failed", hook.name, hook.stage, exc_info=failure)
-    elif outcome == "timeout":
-        logger.warning("shutdown hook %s (%s): %s", hook.name, hook.stage, error)
+    try:
+        if failure is not None:
+            logger.error("shutdown hook %s (%s) failed", hook.name, hook.stage, exc_info=failure)
+        elif outcome == "timeout":
+            logger.warning("shutdown hook %s (%s): %s", hook.name, hook.stage, error)
+    except Exception:  # a logging handler that raises must not lose the hook's report
+        pass
     return HookReport(
         name=hook.name, stage=hook.stage, outcome=outcome, duration=duration, error=error
     )
-
-
-class _Command:
-    __slots__ = ("cm", "done", "error", "op", "timeout", "value")
-
-    def __init__(self, op: str, cm: Any, timeout: float = math.inf) -> None:
-        self.op = op
-        self.cm = cm
-        self.timeout = timeout
-        self.done = anyio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-
-class ResourceKeeper:
-    """One task of the guard that enters and later exits the resources.
-
-    A cancel scope or an anyio task group must be exited by the task that
-    entered it; so every resource is entered and exited here, never in the
-    caller's task. Each resource is entered inside a cancel scope of its own,
-    whose deadline bounds the resource's exit (a task group's children are
-    cancelled at the timeout) without breaking the nesting of scopes.
-    A resource's exit runs in the keeper's task too, so it is not cancelled
-    when the hook that asked for it is abandoned; the keeper then stays busy and
-    later exits time out as well: every step stays bounded.
-    """
-
-    def __init__(self, on_entered: Callable[[Any], None]) -> None:
-        send, receive = anyio.create_memory_object_stream[_Command](math.inf)
-        self._send: MemoryObjectSendStream[_Command] = send
-        self._receive: MemoryObjectReceiveStream[_Command] = receive
-        self._stack: list[tuple[AbstractAsyncContextManager[Any], anyio.CancelScope]] = []
-        # Called in the keeper's task once a resource is entered: registers its
-        # exit hook even if the caller of enter() was cancelled meanwhile.
-        self._on_entered = on_entered
-
-    async def enter(self, cm: AbstractAsyncContextManager[Any]) -> Any:
-        cmd = _Command("enter", cm)
-        self._send.send_nowait(cmd)
-        await cmd.done.wait()
-        if cmd.error is not None:
-            raise cmd.error
-        return cmd.value
-
-    def exit_hook(self, cm: AbstractAsyncContextManager[Any], name: str, timeout: float) -> Hook:
-        """A hook that exits ``cm`` (and whatever was entered after it and is still open)."""
-
-        async def exit_resource() -> None:
-            cmd = _Command("exit", cm, timeout)
-            self._send.send_nowait(cmd)
-            await cmd.done.wait()
-            if cmd.error is not None:
-                raise cmd.error
-            if cmd.value == "timeout":
-                raise TimeoutError(f"resource exit cancelled at its {timeout:g}s timeout")
-
-        return Hook(exit_resource, "after_drain", timeout, name, backstop=HOOK_ABANDON_GRACE)
-
-    async def run(self) -> None:
-        """The keeper's loop: runs as the guard's own task until the guard closes."""
-        try:
-            while True:
-                # Shielded: cancelling a resource's own scope (tg.cancel_scope.cancel()
-                # on a task group resource) must not end the keeper. Closing the
-                # stream (the guard closed) does.
-                with anyio.CancelScope(shield=True):
-                    try:
-                        cmd = await self._receive.receive()
-                    except (anyio.EndOfStream, anyio.ClosedResourceError):
-                        break
-                try:
-                    if cmd.op == "enter":
-                        await self._enter(cmd)
-                    else:
-                        await self._exit_through(cmd)
-                finally:
-                    cmd.done.set()
-        finally:
-            self._send.close()
-            self._receive.close()
-            while self._stack:  # not exited by a hook (the guard closed early)
-                await self._exit_top(_Command("exit", None, 1.0))
-
-    async def _enter(self, cmd: _Command) -> None:
-        # Shielded, so that a cancelled earlier resource (its scope encloses this
-        # one in the keeper's task) does not cancel this one; its deadline is set
-        # at exit time.
-        scope = anyio.CancelScope(shield=True)
-        scope.__enter__()
-        try:
-            cmd.value = await cmd.cm.__aenter__()
-        except BaseException as exc:
-            scope.__exit__(None, None, None)
-            cmd.error = exc
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
-                raise
-            return
-        self._stack.append((cmd.cm, scope))
-        try:
-            self._on_entered(cmd.cm)
-        except Exception as exc:  # e.g. too late: its exit would never run, so exit it now
-            cmd.error = exc
-            await self._exit_top(_Command("exit", cmd.cm, 1.0))
-
-    async def _exit_through(self, cmd: _Command) -> None:
-        if not any(cm is cmd.cm for cm, _ in self._stack):
-            return  # already exited
-        while self._stack:
-            top = self._stack[-1][0]
-            await self._exit_top(cmd if top is cmd.cm else _Command("exit", top, cmd.timeout))
-            if top is cmd.cm:
-                return
-
-    async def _exit_top(self, cmd: _Command) -> None:
-        cm, scope = self._stack.pop()
-        scope.deadline = anyio.current_time() + cmd.timeout
-        error: BaseException | None = None
-        try:
-            await cm.__aexit__(None, None, None)
-        except BaseException as exc:
-            error = exc
-        if error is None:
-            scope.__exit__(None, None, None)
-        elif scope.__exit__(type(error), error, error.__traceback__):
-            cmd.value = "timeout"  # our deadline's cancellation, absorbed by our scope
-        elif isinstance(error, anyio.get_cancelled_exc_class()) and not scope.cancel_called:
-            raise error  # the keeper itself is being cancelled (the event loop is ending)
-        else:
-            cmd.error = error
-        if scope.cancel_called and cmd.error is None:
-            cmd.value = "timeout"
-
-    def close(self) -> None:
-        self._send.close()
-        self._receive.close()

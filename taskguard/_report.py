@@ -114,6 +114,9 @@ class ShutdownReport(_Model):
     streams: dict[str, int] = Field(default_factory=dict)
     stuck: list[StuckTask] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    #: faults in the shutdown sequence's own bookkeeping (a logging handler or a
+    #: trigger callback that raised, ...): the sequence carried on past them
+    errors: list[str] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -124,9 +127,11 @@ class ShutdownReport(_Model):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def clean(self) -> bool:
-        """Nothing stuck, no hook failed or timed out, no drain work or guarded section cut."""
+        """Nothing stuck, no hook failed or timed out, no drain work or guarded section
+        cut, and the sequence itself ran without a fault."""
         return (
-            not self.stuck
+            not self.errors
+            and not self.stuck
             and all(h.outcome == "ok" for h in self.hooks)
             and not any(g.cut for g in self.groups.values())
             and not self.guarded.cut
@@ -162,6 +167,7 @@ class ShutdownReport(_Model):
             lines.append(f"  STUCK {t.name} (group {t.group}, running {t.age:.1f}s)")
             lines.extend("    " + ln for ln in t.stack.rstrip().splitlines())
         lines.extend(f"  warning: {w}" for w in self.warnings)
+        lines.extend(f"  ERROR in the shutdown sequence: {e}" for e in self.errors)
         if self.failures:
             lines.append(f"  background failures: {self.failures}")
         return "\n".join(lines)

@@ -14,6 +14,8 @@ __all__ = ["load_env"]
 
 # error_handler is a callable: it cannot come from the environment.
 _ENV_FIELDS = frozenset(GuardConfig.model_fields) - {"error_handler"}
+# The fields a nested variable (FIELD__KEY...) may go into: dicts of models.
+_NESTED_FIELDS = frozenset({"groups"})
 
 
 class _EnvGuardConfig(BaseSettings, GuardConfig):
@@ -33,8 +35,7 @@ def load_env(prefix: str, overrides: dict[str, Any]) -> GuardConfig:
     unknown = [
         key
         for key in os.environ
-        if key.upper().startswith(prefix.upper())
-        and key[len(prefix) :].split("__", 1)[0].lower() not in _ENV_FIELDS
+        if key.upper().startswith(prefix.upper()) and not _known(key[len(prefix) :])
     ]
     if unknown:
         raise ValidationError.from_exception_data(
@@ -63,6 +64,15 @@ def load_env(prefix: str, overrides: dict[str, Any]) -> GuardConfig:
         ) from exc
     values = {name: getattr(loaded, name) for name in loaded.model_fields_set}
     return GuardConfig.model_validate(values)
+
+
+def _known(name: str) -> bool:
+    """Whether ``EXIT_WAIT_TIMEOUT`` / ``GROUPS__MAIL__LIMIT`` names a field (pydantic-
+    settings would silently ignore a nested name under a plain field, or an empty one)."""
+    field, *nested = name.lower().split("__")
+    if field not in _ENV_FIELDS:
+        return False
+    return not nested or (field in _NESTED_FIELDS and all(nested))
 
 
 def _field_of(exc: SettingsError) -> str:

@@ -2,10 +2,14 @@
 
 draining (ready=False, drain_delay) → before_drain hooks → streams end →
 cancel groups cancelled, drain groups / pending work / guarded sections awaited
-(each group within its timeout, all within the exit wait; a task cancelled here
-is abandoned if it has not ended within cancel_grace) → stopping (cancel
-what is left, wait cancel_grace, abandon and report what still runs) →
-after_drain hooks and resources, last first → closed (report built and logged).
+(each group within its timeout, all within the exit wait; see ``_deadlines``)
+→ stopping (cancel what is left, wait cancel_grace, abandon and report what
+still runs) → after_drain hooks and resources, last first → closed (report
+built and logged).
+
+The supervisor survives its own bookkeeping errors: every step runs on its
+own; a fault is logged, recorded in ``report.errors`` (so the report is not
+clean), and the sequence carries on.
 """
 
 from __future__ import annotations
@@ -13,20 +17,27 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
 
-from ._hooks import Hook, run_hook
-from ._report import HookReport, SectionReport, ShutdownReport, State, StuckTask
+from ._config import HOOK_ABANDON_GRACE, GuardConfig
+from ._deadlines import Deadlines, let_cancellations_land
+from ._hooks import Stage, run_hook
+from ._report import HookReport, ShutdownReport, State, StuckTask
 
 if TYPE_CHECKING:
+    from ._backends import Backend
     from ._groups import Group
-    from ._guard import TaskGuard
+    from ._hooks import Hook, Hooks
+    from ._inflight import InFlight
+    from ._sections import Sections
+    from ._streams import Streams
 
-__all__ = ["Shutdown"]
+__all__ = ["Run", "Shutdown"]
 
 logger = logging.getLogger("taskguard")
 
@@ -34,287 +45,281 @@ logger = logging.getLogger("taskguard")
 PROGRESS_INTERVAL = 1.0
 
 
-class Shutdown:
-    """State of one guard's shutdown: the trigger, the deadline, the phases."""
+@dataclass(eq=False)
+class Run:
+    """The parts of one guard run that the sequence works on."""
 
-    def __init__(self, guard: TaskGuard) -> None:
-        self.guard = guard
+    config: GuardConfig
+    backend: Backend
+    groups: dict[str, Group]
+    inflight: InFlight
+    sections: Sections
+    streams: Streams
+    hooks: Hooks
+    set_state: Callable[[State], None]
+    #: at the trigger (on the loop): arm the hard deadline, the trigger callbacks
+    on_trigger: Callable[[], None]
+    #: as the guard closes: close the resources, give the signals back
+    on_close: Callable[[], None]
+
+
+class Shutdown:
+    """State of one guard run's shutdown: the trigger, the deadlines, the phases."""
+
+    def __init__(self, run: Run) -> None:
+        self.run_parts = run
         self.triggered = anyio.Event()
         self.closed = anyio.Event()
-        #: set when intake should stop: drain_delay after the trigger (or forced)
+        #: set when intake should stop: drain_delay after the trigger (or at close)
         self.intake_stop = anyio.Event()
         self.reason = ""
         self.forced = False
-        self.deadline = math.inf
+        self.deadline = math.inf  # loop time of the exit wait's end
+        self.budget_end = math.inf  # loop time by which the whole sequence must end
         self.started = 0.0
         self.started_at = datetime.now(timezone.utc)
         self.phases: dict[str, float] = {}
         self.hook_reports: list[HookReport] = []
         self.stuck: list[StuckTask] = []
-        self._stages_done: set[str] = set()
+        self.errors: list[str] = []
+        self.report: ShutdownReport | None = None
         self._phase_start = 0.0
 
     # -- triggers ----------------------------------------------------------------
 
     def request(self, reason: str, force: bool) -> None:
-        """Start shutdown (first call wins the reason); ``force`` ends the drain now."""
-        guard = self.guard
+        """Start shutdown (first call wins the reason); ``force`` ends the drain now.
+        On the loop thread."""
+        run = self.run_parts
         if not self.triggered.is_set():
-            assert guard._backend is not None
             self.reason = reason
             # not anyio.current_time(): this may run in a loop callback (a signal,
-            # a thread, a task's done callback), where anyio finds no event loop
-            self.started = guard._backend.time()
+            # a thread, a task's end), where anyio finds no event loop
+            self.started = run.backend.time()
             self.started_at = datetime.now(timezone.utc)
-            self.deadline = self.started + guard.config.exit_wait_timeout
-            guard._state = State.DRAINING
+            cfg = run.config
+            self.deadline = self.started + cfg.exit_wait_timeout
+            self.budget_end = self.deadline + cfg.cancel_grace + run.hooks.worst_case()
+            for grp in run.groups.values():
+                self.set_group_deadline(grp)
+            run.set_state(State.DRAINING)
             self.triggered.set()
-            for callback in guard._trigger_callbacks:
-                try:
-                    callback(guard)
-                except Exception:
-                    logger.exception("a shutdown trigger callback failed")
-        if force and not self.forced and guard._state is not State.CLOSED:
+            try:
+                run.on_trigger()
+            except Exception as exc:
+                self._fault("a shutdown trigger callback", exc)
+        if force and not self.forced and not self.closed.is_set():
             self.forced = True
-            guard._poke()
+            run.inflight.poke()
 
-    def stage_done(self, stage: str) -> bool:
-        return stage in self._stages_done
+    def set_group_deadline(self, grp: Group) -> None:
+        """A drain group's timeout counts from the trigger (also for one made later)."""
+        timeout = grp.config.timeout
+        if grp.drains and timeout is not None:
+            grp.deadline = self.started + timeout
 
     # -- the sequence ------------------------------------------------------------
 
     async def run(self) -> None:
-        guard = self.guard
+        run = self.run_parts
         try:
             await self.triggered.wait()
-            logger.info("shutdown started: %s", self.reason)
-            guard._wake = anyio.Event()
+            self._log(logging.INFO, "shutdown started: %s", self.reason)
             self._phase_start = self.started
-            await self._drain_phase()
-            await self._stopping_phase()
-            await self._after_drain_phase()
+            await self._step("the drain", self._drain_phase)
+            await self._step("the stopping phase", self._stopping_phase)
+            await self._step("the after_drain hooks", self._after_drain_phase)
         finally:
             if not self.triggered.is_set():  # the event loop is ending under the guard
                 self.request("the event loop ended", force=True)
             try:
                 self._close()
             finally:
-                guard._state = State.CLOSED
+                run.set_state(State.CLOSED)
                 self.intake_stop.set()
                 self.closed.set()
+
+    async def _step(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await step()
+        except Exception as exc:
+            self._fault(what, exc)
+
+    def _fault(self, what: str, exc: BaseException) -> None:
+        """A fault of the sequence's own: logged (if logging works), recorded, survived."""
+        self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
+        self._log(logging.ERROR, "taskguard: %s failed; carrying on", what, exc_info=exc)
+
+    def _log(self, level: int, msg: str, *args: Any, exc_info: BaseException | None = None) -> None:
+        # A user's logging handler that raises must not end the sequence.
+        try:
+            logger.log(level, msg, *args, exc_info=exc_info)
+        except Exception as exc:
+            if not any(e.startswith("logging:") for e in self.errors):
+                self.errors.append(f"logging: {type(exc).__name__}: {exc}")
 
     def _end_phase(self, name: str) -> None:
         now = anyio.current_time()
         self.phases[name] = self.phases.get(name, 0.0) + (now - self._phase_start)
         self._phase_start = now
 
+    def _idle(self) -> bool:
+        run = self.run_parts
+        return not run.inflight.count and run.sections.idle()
+
     async def _sleep_until(self, when: float) -> None:
-        """Sleep until ``when`` (loop time), cut short by a forced shutdown."""
+        """Sleep until ``when`` (loop time, at most the exit wait), cut short by force."""
         while not self.forced:
             delay = min(when, self.deadline) - anyio.current_time()
             if delay <= 0:
                 return
-            self._rearm()
+            wake = self.run_parts.inflight.arm()
             with anyio.move_on_after(delay):
-                await self._wait_wake()
+                await wake.wait()
 
-    def _rearm(self) -> None:
-        self.guard._wake = anyio.Event()
-
-    async def _wait_wake(self) -> None:
-        wake = self.guard._wake
-        assert wake is not None
-        await wake.wait()
+    # -- draining ----------------------------------------------------------------
 
     async def _drain_phase(self) -> None:
-        guard, cfg = self.guard, self.guard.config
-        if cfg.drain_delay:
-            await self._sleep_until(self.started + cfg.drain_delay)
-            self._end_phase("drain_delay")
-        self.intake_stop.set()
-        await _let_cancellations_land()  # the servers waiting on it stop intake first
-        await self._run_hooks("before_drain", bounded=True)
-        self._end_phase("before_drain")
-        # Streams end first, before the drain waits on anything: an open stream
-        # would otherwise hold its request (and so the drain) until it ends.
-        if guard._streams:
-            if cfg.stream_grace:
-                await self._sleep_until(anyio.current_time() + cfg.stream_grace)
-            for stream in list(guard._streams):
-                stream._interrupt()
-        # Cancelled tasks get cancel_grace to unwind; one that ignores its
-        # cancellation is abandoned then, rather than holding the drain (and so
-        # the whole shutdown) until the exit wait.
-        unwind_by: dict[Group, float] = {}
-        for grp in guard._groups.values():
-            if not grp.drains:
-                grp.cancel_all(cut=False)
-                if grp.running:
-                    unwind_by[grp] = anyio.current_time() + cfg.cancel_grace
-        if unwind_by:
-            await _let_cancellations_land()
-        await self._wait_drained(unwind_by)
+        run = self.run_parts
+        cfg = run.config
+        deadlines = Deadlines(
+            run.groups, cfg.cancel_grace, self._abandon_tasks, self._log_cut, self._fault
+        )
+        async with anyio.create_task_group() as keeper:
+            # The deadlines are kept beside the sequence from the trigger on, so a
+            # group's timeout holds during drain_delay and the before_drain hooks.
+            keeper.start_soon(deadlines.keep)
+            try:
+                if cfg.drain_delay:
+                    await self._sleep_until(self.started + cfg.drain_delay)
+                    self._end_phase("drain_delay")
+                self.intake_stop.set()
+                await self._step("the before_drain hooks", self._before_drain)
+                self._end_phase("before_drain")
+                await self._step("ending the streams", self._end_streams)
+                for grp in list(run.groups.values()):
+                    if not grp.drains:
+                        grp.cancel_all(cut=False)
+                        deadlines.unwind(grp)
+                await let_cancellations_land()
+                await self._step("waiting for the drain", self._wait_drained)
+            finally:
+                keeper.cancel_scope.cancel()
         self._end_phase("drain")
 
-    async def _wait_drained(self, unwind_by: dict[Group, float]) -> None:
-        guard, cancel_grace = self.guard, self.guard.config.cancel_grace
-        group_deadlines = {
-            grp: self.started + grp.config.timeout
-            for grp in guard._groups.values()
-            if grp.drains and grp.config.timeout is not None
-        }
+    async def _before_drain(self) -> None:
+        await self._run_hooks("before_drain", lambda: self.deadline)
+
+    async def _end_streams(self) -> None:
+        streams = self.run_parts.streams
+        if streams.open and self.run_parts.config.stream_grace:
+            await self._sleep_until(anyio.current_time() + self.run_parts.config.stream_grace)
+        # Streams end before the drain waits on anything: an open stream would
+        # otherwise hold its request (and so the drain) until it ends.
+        streams.interrupt_all()
+
+    async def _wait_drained(self) -> None:
         next_log = anyio.current_time() + PROGRESS_INTERVAL
-        while not guard._idle() and not self.forced:
+        while not self._idle() and not self.forced:
             now = anyio.current_time()
             if now >= self.deadline:
-                break
-            cut_any = False
-            for grp, when in list(group_deadlines.items()):
-                if now >= when:
-                    del group_deadlines[grp]
-                    if len(grp):
-                        logger.warning(
-                            "group %r: timeout %.3gs reached, cancelling %d task(s)",
-                            grp.name,
-                            grp.config.timeout,
-                            len(grp),
-                        )
-                        grp.cancel_all(cut=True)
-                        if grp.running:
-                            unwind_by[grp] = now + cancel_grace
-                            cut_any = True
-                    grp.closed = True  # its deadline passed: it takes no new work
-            if cut_any:
-                await _let_cancellations_land()
-                continue  # look again: what unwound is accounted
-            expired = [grp for grp, when in unwind_by.items() if now >= when]
-            if expired:
-                # Cancel once more first: asyncio delivers a cancellation once, so
-                # a task that swallowed it and awaits again would never see another
-                # (on trio a cancelled scope keeps raising at every checkpoint).
-                for grp in expired:
-                    del unwind_by[grp]
-                    for handle in list(grp.running):
-                        handle.cancel()
-                await _let_cancellations_land()
-                for grp in expired:
-                    self._abandon_tasks(grp)
-                continue
+                return
             if now >= next_log:
                 self._log_progress(now)
                 next_log = now + PROGRESS_INTERVAL
-            wake_at = min([self.deadline, next_log, *group_deadlines.values(), *unwind_by.values()])
-            self._rearm()
-            if guard._idle():
-                break
-            with anyio.move_on_after(max(0.0, wake_at - now)):
-                await self._wait_wake()
+            wake = self.run_parts.inflight.arm()
+            if self._idle():
+                return
+            with anyio.move_on_after(min(self.deadline, next_log) - now):
+                await wake.wait()
 
     def _log_progress(self, now: float) -> None:
-        guard = self.guard
-        oldest = self._outstanding()[:5]
+        oldest = self.outstanding()[:5]
         desc = ", ".join(f"{name} ({where}) {age:.1f}s" for name, where, age in oldest)
-        logger.info(
+        run = self.run_parts
+        left = run.inflight.count + len(run.sections.threads)
+        self._log(
+            logging.INFO,
             "draining: %d left, oldest: %s; %.1fs to the deadline",
-            guard._live + len(guard._thread_sections),
+            left,
             desc or "-",
             self.deadline - now,
         )
 
-    def _outstanding(self) -> list[tuple[str, str, float]]:
-        guard = self.guard
+    def outstanding(self) -> list[tuple[str, str, float]]:
+        """What still runs as (name, where, age), the oldest first."""
+        run = self.run_parts
         now = time.monotonic()
         items = [
             (h.name, f"group {grp.name}", now - h._started)
-            for grp in guard._groups.values()
-            for h in grp.running
+            for grp in list(run.groups.values())
+            for h in list(grp.running)
         ]
-        items += [(s.name, "guarded", now - s._started) for s in guard._sections]
-        with guard._thread_lock:
-            threads = list(guard._thread_sections)
-        items += [(s.name, "guarded, thread", now - s._started) for s in threads]
+        items += run.sections.outstanding()
         items.sort(key=lambda item: -item[2])
         return items
 
+    def _log_cut(self, grp: Group) -> None:
+        self._log(
+            logging.WARNING,
+            "group %r: timeout %.3gs reached, cancelling %d task(s)",
+            grp.name,
+            grp.config.timeout,
+            len(grp),
+        )
+
+    # -- stopping ----------------------------------------------------------------
+
     async def _stopping_phase(self) -> None:
-        guard, cfg = self.guard, self.guard.config
-        guard._state = State.STOPPING
-        if guard._idle():
+        run = self.run_parts
+        run.set_state(State.STOPPING)
+        if self._idle():
             self._end_phase("stopping")
             return
         if self.forced:
-            logger.warning("shutdown forced: cancelling what is left")
+            self._log(logging.WARNING, "shutdown forced: cancelling what is left")
         else:
-            logger.warning(
-                "exit wait of %gs reached: cancelling what is left", cfg.exit_wait_timeout
+            self._log(
+                logging.WARNING,
+                "exit wait of %gs reached: cancelling what is left",
+                run.config.exit_wait_timeout,
             )
-        for grp in guard._groups.values():
+        for grp in list(run.groups.values()):
             grp.cancel_all(cut=True)
-        for section in list(guard._sections):
-            section._cut = True
-            if section._scope is not None:
-                section._scope.cancel()
-        await _let_cancellations_land()
-        grace_end = anyio.current_time() + cfg.cancel_grace
-        while not guard._idle():
+        run.sections.cut_all()
+        run.streams.interrupt_all()
+        await let_cancellations_land()
+        grace_end = anyio.current_time() + run.config.cancel_grace
+        while not self._idle():
             delay = grace_end - anyio.current_time()
             if delay <= 0:
                 break
-            self._rearm()
+            wake = run.inflight.arm()
             with anyio.move_on_after(delay):
-                await self._wait_wake()
-        self._abandon()
-        self._end_phase("stopping")
-
-    def _abandon(self) -> None:
-        """Give up on what still runs after the cancel grace: report it, with its stack."""
-        guard = self.guard
-        assert guard._backend is not None
-        now = time.monotonic()
-        for grp in guard._groups.values():
+                await wake.wait()
+        for grp in list(run.groups.values()):
             self._abandon_tasks(grp)
-        first_section = len(self.stuck)
-        for section in list(guard._sections):
-            guard._sections.pop(section)
-            guard._section_counts["stuck"] += 1
-            stack = guard._backend.task_stack(section._task)
-            self.stuck.append(
-                StuckTask(
-                    name=section.name, group="(guarded)", age=now - section._started, stack=stack
-                )
-            )
-        with guard._thread_lock:
-            threads = list(guard._thread_sections)
-            guard._thread_sections.clear()
-        for section in threads:
-            guard._section_counts["stuck"] += 1
-            self.stuck.append(
-                StuckTask(
-                    name=section.name,
-                    group="(guarded, thread)",
-                    age=now - section._started,
-                    stack=guard.thread_stack(section),
-                )
-            )
-        for item in self.stuck[first_section:]:
+        stuck = run.sections.abandon_all()
+        self.stuck.extend(stuck)
+        for item in stuck:
             self._log_stuck(item)
+        self._end_phase("stopping")
 
     def _abandon_tasks(self, grp: Group) -> None:
         """Give up on the group's running tasks (cancelled, past the cancel grace)."""
-        guard = self.guard
-        assert guard._backend is not None
         now = time.monotonic()
         for handle in list(grp.running):
-            stack = guard._backend.task_stack(handle._task)
-            age = now - handle._started
-            item = StuckTask(name=handle.name, group=grp.name, age=age, stack=stack)
+            stack = self.run_parts.backend.task_stack(handle._task)
+            item = StuckTask(
+                name=handle.name, group=grp.name, age=now - handle._started, stack=stack
+            )
             self.stuck.append(item)
-            _ABANDONED.append(handle)
             grp.abandon(handle)
             self._log_stuck(item)
 
     def _log_stuck(self, item: StuckTask) -> None:
-        logger.error(
+        self._log(
+            logging.ERROR,
             "abandoned %s (%s) after %.1fs; it ignored cancellation. Stack:\n%s",
             item.name,
             item.group,
@@ -322,71 +327,80 @@ class Shutdown:
             item.stack,
         )
 
+    # -- hooks -------------------------------------------------------------------
+
     async def _after_drain_phase(self) -> None:
-        await self._run_hooks("after_drain", bounded=False)
+        # Bounded by the budget fixed at the trigger (the hard deadline's, minus
+        # its slack): hooks registered during the drain run in what is left.
+        await self._run_hooks("after_drain", lambda: self.budget_end)
         self._end_phase("after_drain")
 
-    async def _run_hooks(self, stage: str, bounded: bool) -> None:
-        guard = self.guard
-        done: set[int] = set()
-        # Hooks may be registered while earlier ones run: take the newest not yet run.
-        while True:
-            todo = [h for h in guard._hooks if h.stage == stage and id(h) not in done]
-            if not todo:
-                break
-            hook: Hook = todo[-1]
-            done.add(id(hook))
-            limit = hook.timeout
-            if bounded:  # before_drain hooks count against the exit wait
-                limit = min(limit, self.deadline - anyio.current_time())
-            assert guard._backend is not None
-            report = await run_hook(hook, limit + hook.backstop, guard._backend)
-            self.hook_reports.append(report)
-        self._stages_done.add(stage)
+    async def _run_hooks(self, stage: Stage, until: Callable[[], float]) -> None:
+        run = self.run_parts
+        done: set[Hook] = set()
+        while (hook := run.hooks.next(stage, done)) is not None:
+            done.add(hook)
+            left = until() - anyio.current_time()
+            if stage == "after_drain":  # keep back what the step may take past its timeout
+                left -= hook.backstop + HOOK_ABANDON_GRACE
+            if left <= 0:
+                self.hook_reports.append(
+                    HookReport(
+                        name=hook.name,
+                        stage=stage,
+                        outcome="timeout",
+                        duration=0.0,
+                        error="not run: no time was left of the shutdown's budget",
+                    )
+                )
+                continue
+            limit = min(hook.timeout, left)
+            self.hook_reports.append(await run_hook(hook, limit + hook.backstop, run.backend))
+        run.hooks.stage_done(stage)
+
+    # -- closed ------------------------------------------------------------------
 
     def _close(self) -> None:
-        guard = self.guard
-        guard._state = State.CLOSED
-        if guard._keeper is not None:
-            guard._keeper.close()
-        if guard._signals is not None:
-            guard._signals.scope.cancel()
-        counts = guard._section_counts
-        streams = dict(guard._stream_outcomes)
-        if guard._streams:
-            # still open: a consumer that ignored the cancellation (or never came back)
-            streams["open"] = len(guard._streams)
-        report = ShutdownReport(
+        run = self.run_parts
+        try:
+            run.on_close()
+        except Exception as exc:
+            self._fault("closing the resources and signal handlers", exc)
+        try:
+            report = self._report()
+        except Exception as exc:
+            self._fault("building the report", exc)
+            report = ShutdownReport(
+                trigger=str(self.reason),
+                started_at=self.started_at,
+                duration=max(0.0, run.backend.time() - self.started),
+                errors=list(self.errors),
+            )
+        try:
+            text = report.summary()
+            level = logging.INFO if report.clean else logging.WARNING
+        except Exception as exc:
+            self._fault("formatting the report's summary", exc)
+            report = report.model_copy(update={"errors": list(self.errors)})
+            text, level = f"taskguard shutdown: {report!r}", logging.WARNING
+        self._log(level, "%s", text)
+        if len(self.errors) != len(report.errors):  # logging failed just now
+            report = report.model_copy(update={"errors": list(self.errors)})
+        self.report = report
+
+    def _report(self) -> ShutdownReport:
+        run = self.run_parts
+        return ShutdownReport(
             trigger=self.reason,
             started_at=self.started_at,
-            duration=anyio.current_time() - self.started,
+            duration=run.backend.time() - self.started,
             phases=self.phases,
             forced=self.forced,
-            groups={name: grp.report() for name, grp in guard._groups.items()},
-            guarded=SectionReport(
-                completed=counts["completed"],
-                cancelled=counts["cancelled"],
-                cut=counts["cut"],
-                stuck=counts["stuck"],
-            ),
+            groups={name: grp.report() for name, grp in run.groups.items()},
+            guarded=run.sections.report(),
             hooks=self.hook_reports,
-            streams=streams,
+            streams=run.streams.report(),
             stuck=self.stuck,
-            warnings=list(guard._warnings),
+            warnings=list(run.hooks.warnings),
+            errors=list(self.errors),
         )
-        guard._report = report
-        (logger.info if report.clean else logger.warning)("%s", report.summary())
-
-
-async def _let_cancellations_land() -> None:
-    """Give just-cancelled (or just-woken) work a chance to unwind before anything is judged stuck,
-    even with ``cancel_grace=0``: two passes of the event loop. One is not always
-    enough on trio, which may run a batch of ready tasks in reverse order, so the
-    supervisor could run before the task its cancellation woke."""
-    await anyio.lowlevel.checkpoint()
-    await anyio.lowlevel.checkpoint()
-
-
-#: Tasks the guard gave up on. Strong references, so they are never garbage
-#: collected mid-flight (which would run their finally blocks at a random time).
-_ABANDONED: list[Any] = []

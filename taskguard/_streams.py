@@ -11,6 +11,7 @@ import enum
 import logging
 import math
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -18,13 +19,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict
 
+from ._config import check_name, check_seconds
 from ._exceptions import ConsumerDisconnected, ConsumerStalled, StreamError, StreamInterrupted
-from ._report import State
 
 if TYPE_CHECKING:
     from ._guard import TaskGuard
+    from ._inflight import InFlight
 
-__all__ = ["DISCONNECT_ERRORS", "GuardedStream", "StreamOutcome", "StreamResult"]
+__all__ = ["DISCONNECT_ERRORS", "GuardedStream", "StreamOutcome", "StreamResult", "Streams"]
 
 logger = logging.getLogger("taskguard")
 
@@ -78,7 +80,7 @@ _ERRORS: dict[StreamOutcome, type[StreamError]] = {
 
 
 class _Tracked:
-    """The guard's weak handle on an open stream.
+    """The registry's weak handle on an open stream.
 
     Weak, so a stream dropped without being closed (a bare ``async for`` left by
     ``break``) is not kept alive, nor counted as open, until shutdown.
@@ -86,26 +88,60 @@ class _Tracked:
 
     __slots__ = ("held", "ref")
 
-    def __init__(self, stream: GuardedStream[Any], guard: TaskGuard) -> None:
-        self.held = False  # counted in guard._live: the drain waits for it to close
-        self.ref = weakref.ref(stream, lambda _: _release(guard, self, StreamOutcome.STOPPED))
+    def __init__(self, stream: GuardedStream[Any], streams: Streams) -> None:
+        self.held = False  # counted in the in-flight count: the drain waits for it to close
+        self.ref = weakref.ref(stream, lambda _: streams.release(self, StreamOutcome.STOPPED))
 
-    def _interrupt(self) -> None:  # called by the shutdown supervisor
+    def interrupt(self) -> None:
         stream = self.ref()
         if stream is not None:
             stream._interrupt()
 
 
-def _release(guard: TaskGuard, tracked: _Tracked, outcome: StreamOutcome) -> None:
-    streams: dict[Any, None] = guard._streams
-    if streams.pop(tracked, 0) is not None:
-        return  # already released
-    guard._stream_outcomes[outcome.value] += 1
-    if tracked.held:
-        tracked.held = False
-        guard._live -= 1
-        if not guard._live and guard._wake is not None:
-            guard._wake.set()
+class Streams:
+    """The open streams of one guard run (held weakly), and how the others ended."""
+
+    __slots__ = ("_inflight", "ended", "open", "outcomes")
+
+    def __init__(self, inflight: InFlight) -> None:
+        self._inflight = inflight
+        self.open: dict[_Tracked, None] = {}
+        self.outcomes = Counter[str]()
+        #: set once the supervisor ended the open streams: later ones start ended
+        self.ended = False
+
+    def track(self, stream: GuardedStream[Any]) -> _Tracked:
+        tracked = _Tracked(stream, self)
+        self.open[tracked] = None
+        return tracked
+
+    def hold(self, tracked: _Tracked) -> None:
+        """The stream was ended from outside while its consumer waits in it: the
+        drain waits for it to close, so the report counts its outcome."""
+        if not tracked.held and tracked in self.open:
+            tracked.held = True
+            self._inflight.add()
+
+    def release(self, tracked: _Tracked, outcome: StreamOutcome) -> None:
+        if self.open.pop(tracked, 0) is not None:
+            return  # already released
+        self.outcomes[outcome.value] += 1
+        if tracked.held:
+            tracked.held = False
+            self._inflight.done()
+
+    def interrupt_all(self) -> None:
+        """End every open stream (the shutdown reached them)."""
+        self.ended = True
+        for tracked in list(self.open):
+            tracked.interrupt()
+
+    def report(self) -> dict[str, int]:
+        counts = dict(self.outcomes)
+        if self.open:
+            # still open: a consumer that ignored the cancellation (or never came back)
+            counts["open"] = len(self.open)
+        return counts
 
 
 class GuardedStream(Generic[T]):
@@ -137,18 +173,17 @@ class GuardedStream(Generic[T]):
     ) -> None:
         if source is not None and not hasattr(source, "__aiter__"):
             raise TypeError(f"stream() takes an async iterable, not {type(source).__name__}")
-        for label, value in (("send_timeout", send_timeout), ("max_duration", max_duration)):
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 < value < math.inf
-            ):
-                raise ValueError(
-                    f"{label} must be a positive finite number of seconds, not {value!r}"
-                )
-        if guard.state is State.IDLE:
+        check_name(name)
+        if send_timeout is not None:
+            check_seconds(send_timeout, "send_timeout")
+        if max_duration is not None:
+            check_seconds(max_duration, "max_duration")
+        registry = guard._streams
+        if registry is None:
             guard._refuse_section("stream")
+        assert registry is not None
         self.guard = guard
+        self._registry = registry
         default = getattr(source, "__qualname__", None) or type(source).__name__
         self.name = name or (default if source is not None else "stream")
         self.send_timeout = send_timeout
@@ -202,31 +237,21 @@ class GuardedStream(Generic[T]):
             if scope is not None:
                 scope.cancel()
                 active = True
-        tracked = self._tracked
-        guard = self.guard
-        if active and tracked is not None and not tracked.held and guard._wake is not None:
+        if active and self._tracked is not None:
             # Its consumer is waiting in a scope we just cancelled, so it ends
             # now: let the drain wait for that, so the report counts it.
-            tracked.held = True
-            guard._live += 1
+            self._registry.hold(self._tracked)
 
     # -- lifecycle ---------------------------------------------------------------
 
     def _begin(self) -> None:
-        guard = self.guard
         self._started = anyio.current_time()
         if self.max_duration is not None:
             self._expires = self._started + self.max_duration
         if self._source is not None:
             self._iterator = self._source.__aiter__()
-        tracked = self._tracked = _Tracked(self, guard)
-        streams: dict[Any, None] = guard._streams
-        streams[tracked] = None
-        shutdown = guard._shutdown
-        if self._reason is None and (
-            guard.state in (State.STOPPING, State.CLOSED)
-            or (shutdown is not None and shutdown.stage_done("before_drain"))
-        ):
+        self._tracked = self._registry.track(self)
+        if self._reason is None and self._registry.ended:
             self._reason = StreamOutcome.INTERRUPTED  # the open streams were already ended
 
     def _confirm(self) -> None:
@@ -256,7 +281,7 @@ class GuardedStream(Generic[T]):
         self.outcome = outcome
         self._scope = None
         assert self._tracked is not None, "a stream is tracked before it can end"
-        _release(self.guard, self._tracked, outcome)
+        self._registry.release(self._tracked, outcome)
         duration = anyio.current_time() - self._started
         error = None if exc is None else f"{type(exc).__name__}: {exc}"
         self._result = StreamResult(

@@ -22,7 +22,7 @@ from ._asgi_lifespan import Lifespan, SignalChain
 from ._config import GuardConfig
 from ._exceptions import ShuttingDownError
 from ._guard import TaskGuard
-from ._guarded import _is_cancellation
+from ._guarded import is_cancellation
 from ._report import State
 from ._streams import GuardedStream, StreamOutcome
 
@@ -243,7 +243,7 @@ class _Request:
         try:
             await self._run()
         except BaseException as exc:
-            cancelled = _is_cancellation(exc)
+            cancelled = is_cancellation(exc)
             raise
         finally:
             if self.channel is not None:  # e.g. the server cancelled the request mid-stream

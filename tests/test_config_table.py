@@ -232,4 +232,4 @@ def test_bad_hook_arguments_are_refused_at_registration() -> None:
     bad_stage: Any = "during"
     with pytest.raises(ValueError, match="stage"):
         guard.on_shutdown(lambda: None, stage=bad_stage)
-    assert guard._hooks == []
+    assert len(guard._hooks) == 0

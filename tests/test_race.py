@@ -78,9 +78,13 @@ async def _race(log: io.StringIO) -> None:
         seen[job_id] = "completed"
         return job_id
 
+    closed = anyio.Event()
+
     async def spawner(index: int) -> None:
         nonlocal attempts
         for k in range(PER_SPAWNER):
+            if k == PER_SPAWNER - 5:
+                await closed.wait()  # the last spawns land after the close, whatever the timing
             job_id = index * PER_SPAWNER + k
             group = GROUPS[job_id % 3]
             attempts += 1
@@ -115,6 +119,8 @@ async def _race(log: io.StringIO) -> None:
             await anyio.sleep(0)
         triggered_at["force"] = attempts
         guard.shutdown("race: force", force=True)
+        await guard.wait_closed()
+        closed.set()
 
     async with guard, anyio.create_task_group() as tg:
         tg.start_soon(trigger)

@@ -130,9 +130,13 @@ async def test_validation() -> None:
         not_async: Any = [1, 2, 3]
         with pytest.raises(TypeError, match="async iterable"):
             g.stream(not_async)
-        bad_values: list[Any] = [0, -1, math.inf, math.nan, True, "1"]
+        bad_values: list[Any] = [0, -1, math.inf, math.nan, 1e13]
         for bad in bad_values:
             with pytest.raises(ValueError, match="send_timeout"):
+                g.stream(Source().gen(), send_timeout=bad)
+        wrong_types: list[Any] = [True, "1", None.__class__]
+        for bad in wrong_types:
+            with pytest.raises(TypeError, match="send_timeout"):
                 g.stream(Source().gen(), send_timeout=bad)
         with pytest.raises(ValueError, match="max_duration"):
             g.stream(Source().gen(), max_duration=0)

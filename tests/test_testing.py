@@ -6,13 +6,14 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
+# No markers here: the plugin registers taskguard_unclean_ok itself, so a user's
+# --strict-markers run knows it.
 INI = """
 [pytest]
+addopts = --strict-markers
 asyncio_mode = strict
 asyncio_default_fixture_loop_scope = function
 filterwarnings = error
-markers =
-    taskguard_unclean_ok: unclean report expected
 """
 
 TESTS = """
@@ -80,3 +81,18 @@ def test_fixture_and_helpers(pytester: pytest.Pytester, marker: str, extra: str)
     # test_unclean_fails passes, then errors at teardown: the report was not clean
     result.assert_outcomes(passed=4 * runs, errors=1 * runs)
     result.stdout.fnmatch_lines(["*the shutdown report is not clean*"])
+
+
+def test_the_helpers_import_without_pytest() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pytest'] = None\n"  # importing pytest now fails
+        "import taskguard.testing as t\n"
+        "print(sorted(t.__all__))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert "shutdown_and_wait" in out
