@@ -6,7 +6,7 @@ promptly, shutdown steps run in order, all bounded by an exit wait and reported.
 
 from __future__ import annotations
 
-from ._config import GroupConfig, GuardConfig
+from ._config import GroupConfig, GuardConfig, GuardOptions
 from ._current import current, guarded, on_shutdown, spawn
 from ._exceptions import (
     ConsumerDisconnected,
@@ -25,6 +25,7 @@ from ._guarded import Guarded
 from ._handle import TaskHandle
 from ._report import (
     GroupReport,
+    GroupStats,
     GuardStats,
     HookReport,
     SectionReport,
@@ -43,7 +44,9 @@ __all__ = [
     "GroupConfig",
     "GroupFullError",
     "GroupReport",
+    "GroupStats",
     "GuardConfig",
+    "GuardOptions",
     "GuardStats",
     "Guarded",
     "GuardedStream",

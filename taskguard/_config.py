@@ -8,8 +8,8 @@ built and an error names the field path, e.g. ``groups.mail.timeout``.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, TypedDict
 
 from pydantic import (
     BaseModel,
@@ -27,6 +27,7 @@ __all__ = [
     "ErrorHandler",
     "GroupConfig",
     "GuardConfig",
+    "GuardOptions",
     "check_name",
     "check_seconds",
     "parse_signal",
@@ -265,3 +266,21 @@ class GuardConfig(BaseModel):
 
 
 _DEFAULT_GROUP = GroupConfig()
+
+SignalLike = signal.Signals | str | int
+
+
+class GuardOptions(TypedDict, total=False):
+    """The keyword options of ``TaskGuard(...)`` and ``taskguard.run(...)``: the fields
+    of :class:`GuardConfig` (a type checker then checks their names and types)."""
+
+    exit_wait_timeout: float
+    cancel_grace: float
+    hook_timeout: float
+    drain_delay: float
+    stream_grace: float
+    handle_signals: bool
+    exit_signals: SignalLike | Sequence[SignalLike]
+    groups: Mapping[str, GroupConfig | Mapping[str, Any]]
+    error_handler: ErrorHandler | None
+    grace_period: float | None

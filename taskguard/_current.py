@@ -10,10 +10,14 @@ from ._exceptions import NoGuardError
 from ._report import State
 
 if TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+
     from ._guard import TaskGuard
     from ._guarded import Guarded
     from ._handle import TaskHandle
     from ._hooks import Stage
+
+    PosArgs = TypeVarTuple("PosArgs")
 
 __all__ = ["current", "guarded", "on_shutdown", "spawn"]
 
@@ -70,13 +74,16 @@ def spawn(
 ) -> TaskHandle[T]: ...
 @overload
 def spawn(
-    fn: Callable[..., Coroutine[Any, Any, T]],
+    fn: Callable[[Unpack[PosArgs]], Coroutine[Any, Any, T]],
     /,
-    *args: Any,
+    *args: Unpack[PosArgs],
     group: str = ...,
     name: str | None = ...,
 ) -> TaskHandle[T]: ...
-def spawn(fn: Any, /, *args: Any, group: str = "default", name: str | None = None) -> Any:
+# (mypy cannot match an implementation's *args against a TypeVarTuple overload)
+def spawn(  # type: ignore[misc]
+    fn: Any, /, *args: Any, group: str = "default", name: str | None = None
+) -> Any:
     """``current().spawn(...)``: start background work in the current guard."""
     return current().spawn(fn, *args, group=group, name=name)
 
@@ -92,6 +99,14 @@ def guarded(name: str | None = None, *, shield: bool = False) -> Guarded:
     return Guarded(None, name, shield)
 
 
+@overload
+def on_shutdown(
+    fn: F, /, *, stage: Stage = ..., timeout: float | None = ..., name: str | None = ...
+) -> F: ...
+@overload
+def on_shutdown(
+    fn: None = ..., /, *, stage: Stage = ..., timeout: float | None = ..., name: str | None = ...
+) -> Callable[[F], F]: ...
 def on_shutdown(
     fn: Callable[..., Any] | None = None,
     /,

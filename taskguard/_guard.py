@@ -14,7 +14,7 @@ import anyio
 
 from . import _coroutines, _current
 from ._backends import Backend, current_backend
-from ._config import GuardConfig, check_name, check_seconds
+from ._config import GuardConfig, GuardOptions, check_name, check_seconds
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
 from ._groups import Group
 from ._guarded import Guarded
@@ -60,9 +60,14 @@ class TaskGuard:
     start stay.
     """
 
-    def __init__(self, config: GuardConfig | Mapping[str, Any] | None = None, /, **overrides: Any):
+    def __init__(
+        self,
+        config: GuardConfig | Mapping[str, Any] | None = None,
+        /,
+        **overrides: Unpack[GuardOptions],
+    ) -> None:
         if config is None:
-            self.config = GuardConfig(**overrides)
+            self.config = GuardConfig.model_validate(overrides)
         elif isinstance(config, GuardConfig):
             self.config = (
                 GuardConfig.model_validate({**dict(config), **overrides}) if overrides else config

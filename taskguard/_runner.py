@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._backends import BackendName, describe_thread
 from ._backends import run as run_on
-from ._config import GuardConfig
+from ._config import GuardConfig, GuardOptions
 from ._exceptions import ShuttingDownError
 from ._report import ShutdownReport, State
 from ._watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["run"]
 
@@ -24,7 +27,7 @@ def run(
     *args: Any,
     config: GuardConfig | Mapping[str, Any] | None = None,
     backend: BackendName = "asyncio",
-    **overrides: Any,
+    **overrides: Unpack[GuardOptions],
 ) -> ShutdownReport:
     """Run ``await main(guard, *args)`` inside a guard and shut down gracefully.
 
