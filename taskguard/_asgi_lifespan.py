@@ -13,6 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from ._report import State
 
@@ -28,52 +29,79 @@ Message = MutableMapping[str, Any]
 
 
 class Lifespan:
-    """Mediates the lifespan protocol between the server, the guard and the app."""
+    """Mediates the lifespan protocol between the server, the guard and the app.
+
+    The guard starts before the app's startup and is closed before the app's
+    shutdown. Whatever the app's lifespan call raises reaches the server as it
+    would without the middleware: after a ``lifespan.*.failed`` it forwarded,
+    or, for an app without lifespan support (it raises before it says
+    anything), at once, so the server goes on without a lifespan. An exception
+    raised later (a lifespan that crashes while the app runs) is raised once
+    the guard is closed.
+    """
 
     def __init__(self, mw: TaskGuardMiddleware, scope: Scope, receive: Receive, send: Send):
         self.mw, self.scope, self.receive, self.send = mw, scope, receive, send
         self.to_app, self.app_in = anyio.create_memory_object_stream[Message](1)
         self.app_out, self.from_app = anyio.create_memory_object_stream[Message](1)
-        self.app_error: BaseException | None = None
+        self.app_error: Exception | None = None
         self.app_spoke = False
+        self.app_done = anyio.Event()
 
     async def run(self) -> None:
+        self.mw._lifespans += 1
         try:
-            await self._run()
+            error = await self._run()
         finally:
+            self.mw._lifespans -= 1
             for stream in (self.to_app, self.app_in, self.app_out, self.from_app):
                 stream.close()
+        if error is not None:  # raised here, not wrapped in the task group's ExceptionGroup
+            raise error
 
-    async def _run(self) -> None:
+    def _unsupported(self) -> bool:
+        """The app ended with an exception before saying anything (no lifespan support)."""
+        return self.app_done.is_set() and self.app_error is not None and not self.app_spoke
+
+    async def _run(self) -> Exception | None:
+        """Run the lifespan; return the exception the server is to get, if any."""
         guard = self.mw.guard
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._run_app)
             await self.receive()  # lifespan.startup
+            await anyio.lowlevel.checkpoint()  # an app that raises at once has done so now
+            if self._unsupported():  # e.g. Django's ASGIHandler: no guard, no lifespan
+                return self.app_error
             try:
                 await guard.__aenter__()
-            except Exception:
+            except Exception as exc:
                 await self._failed("startup", traceback.format_exc())
                 tg.cancel_scope.cancel()
-                return
+                return exc
             if self.mw.signals == "auto" and not guard.config.handle_signals:
                 self.mw._chain = SignalChain(guard)
                 self.mw._chain.install()
             reply = await self._call({"type": "lifespan.startup"})
+            if reply is None and self._unsupported():
+                await self._close_guard()
+                return self.app_error
             if reply is not None and reply["type"] == "lifespan.startup.failed":
                 await self._close_guard()
                 await self.send(reply)
-                tg.cancel_scope.cancel()
-                return
-            await self.send({"type": "lifespan.startup.complete"})
-            takeover = await self._wait_for_shutdown()
+                await self.app_done.wait()  # Starlette raises right after saying so
+                return self.app_error
+            await self.send(reply or {"type": "lifespan.startup.complete"})
+            await self._wait_for_shutdown()
             await self._close_guard()  # background work drains before the app shuts down
             reply = await self._call({"type": "lifespan.shutdown"})
-            if reply is None and self.app_error is not None and self.app_spoke:
-                text = "".join(traceback.format_exception(self.app_error))
-                reply = {"type": "lifespan.shutdown.failed", "message": text}
-            if takeover is not None:
-                _die(takeover)
+            chain = self.mw._chain
+            if chain is not None and chain.takeover is not None:
+                _die(chain.takeover)
+            if reply is None and self.app_error is not None:
+                return self.app_error  # it crashed while the app ran: the server gets it now
             await self.send(reply or {"type": "lifespan.shutdown.complete"})
+            await self.app_done.wait()
+        return self.app_error
 
     async def _run_app(self) -> None:
         async def send(message: Message) -> None:
@@ -84,12 +112,18 @@ class Lifespan:
             await self.mw.app(self.scope, self.app_in.receive, send)
         except Exception as exc:
             self.app_error = exc
-            if not self.app_spoke:  # like uvicorn's lifespan "auto": not supported
-                logger.info("the app does not support the ASGI lifespan (%r): ignored", exc)
-            else:
-                logger.error("the app's lifespan failed", exc_info=exc)
+            if self.app_spoke and self.mw.guard.state is State.RUNNING:
+                logger.warning(
+                    "the app's lifespan raised %r while the app runs; the server gets it "
+                    "once the guard is closed",
+                    exc,
+                )
         finally:
+            # Our next message to the app fails at once instead of waiting for a
+            # reader that is gone (it used to hang the server's shutdown).
             self.app_out.close()
+            self.app_in.close()
+            self.app_done.set()
 
     async def _call(self, message: Message) -> Message | None:
         """Send ``message`` to the app's lifespan; its reply, or None if it has none."""
@@ -97,15 +131,12 @@ class Lifespan:
             await self.to_app.send(message)
             return await self.from_app.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            if message["type"] == "lifespan.startup" and self.app_error and self.app_spoke:
-                text = "".join(traceback.format_exception(self.app_error))
-                return {"type": "lifespan.startup.failed", "message": text}
+            await self.app_done.wait()  # its exception, if any, is recorded
             return None
 
-    async def _wait_for_shutdown(self) -> int | None:
+    async def _wait_for_shutdown(self) -> None:
         """Wait for the server's lifespan.shutdown, or for a takeover (see SignalChain)."""
         chain, guard = self.mw._chain, self.mw.guard
-        took_over: list[int] = []
         async with anyio.create_task_group() as race:
 
             async def from_server() -> None:
@@ -118,12 +149,10 @@ class Lifespan:
                     await anyio.sleep_forever()
                     return
                 await guard.wait_closed()
-                took_over.append(chain.takeover)
                 race.cancel_scope.cancel()
 
             race.start_soon(from_server)
             race.start_soon(takeover)
-        return took_over[0] if took_over else None
 
     async def _close_guard(self) -> None:
         guard = self.mw.guard

@@ -143,6 +143,7 @@ class TaskGuardMiddleware:
         self.readiness_path = readiness_path
         self.signals = signals
         self._chain: SignalChain | None = None
+        self._lifespans = 0  # lifespans in progress (counted by _asgi_lifespan.Lifespan)
         self._warned_idle = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,7 +166,8 @@ class TaskGuardMiddleware:
             await _respond(send, 200 if ok else 503, body, b"application/json")
             return
         state = guard.state
-        if state is State.IDLE:
+        if state is State.IDLE or (state is State.CLOSED and not self._lifespans):
+            # outside any lifespan (before the first, between two, after the last)
             if not self._warned_idle:
                 self._warned_idle = True
                 logger.warning(
