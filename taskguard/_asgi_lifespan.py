@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +81,9 @@ class Lifespan:
                 tg.cancel_scope.cancel()
                 return exc
             if self.mw.signals == "auto" and not guard.config.handle_signals:
-                self.mw._chain = SignalChain(guard)
-                self.mw._chain.install()
+                chain = self.mw._chain = SignalChain(guard)
+                chain.install()
+                tg.start_soon(self._stop_intake, chain)
             reply = await self._call({"type": "lifespan.startup"})
             if reply is None and self._unsupported():
                 await self._close_guard()
@@ -94,9 +97,9 @@ class Lifespan:
             await self._wait_for_shutdown()
             await self._close_guard()  # background work drains before the app shuts down
             reply = await self._call({"type": "lifespan.shutdown"})
-            chain = self.mw._chain
-            if chain is not None and chain.takeover is not None:
-                _die(chain.takeover)
+            takeover = self.mw._chain.takeover if self.mw._chain is not None else None
+            if takeover is not None:
+                _die(takeover)
             if reply is None and self.app_error is not None:
                 return self.app_error  # it crashed while the app ran: the server gets it now
             await self.send(reply or {"type": "lifespan.shutdown.complete"})
@@ -133,6 +136,11 @@ class Lifespan:
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self.app_done.wait()  # its exception, if any, is recorded
             return None
+
+    async def _stop_intake(self, chain: SignalChain) -> None:
+        """Run the server's own exit handlers once intake is to stop."""
+        await self.mw.guard.wait_for_intake_stop()
+        chain.release()
 
     async def _wait_for_shutdown(self) -> None:
         """Wait for the server's lifespan.shutdown, or for a takeover (see SignalChain)."""
@@ -171,19 +179,31 @@ class Lifespan:
 class SignalChain:
     """Exit-signal handlers installed at lifespan startup, in front of the server's.
 
-    Our handler tells the guard first, then calls the server's handler (uvicorn's
-    ``handle_exit``, asyncio's wake-up for hypercorn). A signal the server
-    leaves at its default action (SIGTERM under ``hypercorn -k trio``), or to
-    trio's KeyboardInterrupt handler (SIGINT there), is taken over: once the
-    guard is closed, the app's lifespan shutdown runs and the signal is
-    re-raised with its default action, so the process exits with the
-    conventional status (-15 / 143 for SIGTERM, -2 / 130 for SIGINT).
+    Our handler tells the guard first. The server's own handler (uvicorn's
+    ``handle_exit``, asyncio's wake-up for hypercorn) runs once intake is to
+    stop (``guard.wait_for_intake_stop()``: ``drain_delay`` after the trigger,
+    at once without a delay or on a second signal), so the server keeps
+    accepting and serving through the delay while readiness says 503.
+
+    A signal the server leaves at its default action (SIGTERM under
+    ``hypercorn -k trio``), or to trio's KeyboardInterrupt handler (SIGINT
+    there), is taken over: when intake is to stop, the server is told through
+    trio's own Ctrl-C path (a KeyboardInterrupt delivered to the main task,
+    never raised in whatever code runs at the signal); once the guard is closed,
+    the app's lifespan shutdown runs and the signal is re-raised with its
+    default action, so the process exits with the conventional status
+    (-15 / 143 for SIGTERM, -2 / 130 for SIGINT).
     """
 
     def __init__(self, guard: TaskGuard) -> None:
         self.guard = guard
         self.previous: dict[int, Any] = {}
         self.takeover: int | None = None
+        #: the server's handlers not run yet: (handler, signal, frame)
+        self.held: list[tuple[Callable[[int, FrameType | None], object], int, Any]] = []
+        self.released = False
+        self.relay: _WakeupRelay | None = None
+        self.stop_trio: Callable[[int, FrameType | None], object] | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -192,12 +212,17 @@ class SignalChain:
                 "signals cannot be chained; call guard.handle_signal() or shutdown() yourself"
             )
             return
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if _is_trio(ctrl_c) and callable(ctrl_c):
+            self.stop_trio = ctrl_c
         for sig in self.guard.config.exit_signals:
             previous = signal.getsignal(sig)
             if previous is signal.SIG_IGN:
                 continue  # ignored on purpose (e.g. hypercorn's workers ignore SIGINT)
             self.previous[sig] = previous
             signal.signal(sig, self._handle)
+        if self.previous and self.guard.config.drain_delay and self.guard.backend.name == "asyncio":
+            self.relay = _WakeupRelay.install(frozenset(self.previous))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         previous = self.previous.get(signum)
@@ -205,21 +230,122 @@ class SignalChain:
             # trio's Ctrl-C handler raises KeyboardInterrupt wherever the main
             # thread happens to be, e.g. inside a connection handler, which can
             # crash the server before its lifespan shutdown: take it over instead.
-            getattr(previous, "__module__", "").startswith("trio.")
+            _is_trio(previous)
         )
         if default and self.takeover is None:
             self.takeover = signum
         self.guard.handle_signal(signum)
         if not default and callable(previous):
-            previous(signum, frame)
+            self.held.append((previous, signum, frame))
+        if self.released or not self.guard.config.drain_delay or self.guard.signals_seen >= 2:
+            self.release()
+
+    def release(self) -> None:
+        """Intake stops: the server's own handlers run now, and from now on at once.
+
+        Idempotent; called on the event-loop thread (at intake stop) or from our
+        signal handler (without a drain delay, or on a second signal).
+        """
+        first = not self.released
+        self.released = True
+        while self.held:
+            handler, signum, frame = self.held.pop(0)
+            handler(signum, frame)
+        if not first:
+            return
+        if self.relay is not None:
+            self.relay.release()
+        if self.takeover is not None and self.stop_trio is not None:
+            # trio's own Ctrl-C path, from a frame it counts as protected (None):
+            # a KeyboardInterrupt for the main task (hypercorn's serve loop), which
+            # closes the listeners and goes on to the lifespan shutdown.
+            self.stop_trio(signal.SIGINT, None)
 
     def restore(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self.release()
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         for sig, previous in self.previous.items():
             if signal.getsignal(sig) == self._handle:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self.previous.clear()
+
+
+class _WakeupRelay:
+    """Holds back the wake-up bytes of exit signals until intake stops.
+
+    asyncio's ``loop.add_signal_handler`` (hypercorn's asyncio worker) learns of
+    a signal from the byte the C-level handler writes to the fd set with
+    ``signal.set_wakeup_fd``, whatever Python-level handler runs. So we put a
+    socket of ours there and pass the bytes on (the documented protocol: one
+    byte per signal, its number): those of other signals at once, those of
+    exit signals once intake stops.
+    """
+
+    def __init__(
+        self, target: int, reader: socket.socket, writer: socket.socket, hold: frozenset[int]
+    ):
+        self.target, self.reader, self.writer, self.hold = target, reader, writer, hold
+        self.pending = bytearray()
+        self.released = False
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(reader.fileno(), self._read)
+
+    @classmethod
+    def install(cls, hold: frozenset[int]) -> _WakeupRelay | None:
+        """Relay the current wake-up fd, if there is one (else there is nothing to hold)."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        target = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        if target == -1:
+            signal.set_wakeup_fd(-1)
+            reader.close()
+            writer.close()
+            return None
+        return cls(target, reader, writer, hold)
+
+    def _read(self) -> None:
+        try:
+            data = self.reader.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            if signum in self.hold and not self.released:
+                self.pending.append(signum)
+            else:
+                self._forward(bytes((signum,)))
+        if self.released and self.pending:  # released by a signal handler meanwhile
+            self.release()
+
+    def release(self) -> None:
+        self.released = True
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        try:
+            os.write(self.target, data)
+        except OSError:  # full or closed: the loop would have lost it the same way
+            pass
+
+    def close(self) -> None:
+        self.release()
+        current = signal.set_wakeup_fd(self.target)
+        if current != self.writer.fileno():  # someone set their own since: leave it
+            signal.set_wakeup_fd(current)
+        self.loop.remove_reader(self.reader.fileno())
+        self._read()  # what arrived meanwhile
+        self.reader.close()
+        self.writer.close()
+
+
+def _is_trio(handler: object) -> bool:
+    return getattr(handler, "__module__", "").startswith("trio.")
 
 
 def _die(signum: int) -> None:
