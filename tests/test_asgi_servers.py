@@ -21,7 +21,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import TypeAlias
 
 import httpx
 import pytest
-from servers import running_server
 
 Start: TypeAlias = "Callable[[str], Server]"
 pytestmark = pytest.mark.slow  # real server processes (about 45 s for the file)
@@ -371,124 +369,3 @@ def test_stalled_client_is_cut_after_send_timeout(running: Server) -> None:
         # that the client sees an incomplete body is checked in the SIGTERM test.)
     finally:
         sock.close()
-
-
-# -- intake stays open through drain_delay, under every covered server ----------------
-
-INTAKE_APP = """
-import os
-from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
-import taskguard
-from taskguard.asgi import TaskGuardMiddleware
-
-
-async def hello(request):
-    return PlainTextResponse(f"hello from {os.getpid()}")
-
-
-guard = taskguard.TaskGuard(
-    drain_delay=float(os.environ["APP_DRAIN_DELAY"]),
-    exit_wait_timeout=float(os.environ["APP_EXIT_WAIT"]),
-    handle_signals=os.environ.get("APP_GUARD_SIGNALS") == "1",
-)
-app = TaskGuardMiddleware(
-    Starlette(routes=[Route("/hello", hello)]), guard, readiness_path="/healthz/ready"
-)
-"""
-
-INTAKE_EXIT_STATUS = {
-    "uvicorn": -signal.SIGTERM,
-    "uvicorn-workers": 0,
-    "gunicorn": 0,
-    "hypercorn": 0,
-    "hypercorn-trio": -signal.SIGTERM,
-    "hypercorn-serve": 0,
-}
-
-
-def _probe_fresh_connections(url: str, stop: threading.Event) -> list[tuple[float, str, str]]:
-    """Every 100 ms a request on a fresh connection, alternately the app and the
-    readiness route: (when sent, path, status code or error name)."""
-    seen: list[tuple[float, str, str]] = []
-    paths = ["/hello", "/healthz/ready"]
-    no_reuse = httpx.Limits(max_keepalive_connections=0)
-    with httpx.Client(base_url=url, timeout=3, limits=no_reuse) as client:
-        while not stop.is_set():
-            path = paths[len(seen) % 2]
-            sent = time.monotonic()
-            try:
-                response = client.get(path)
-                seen.append((sent, path, str(response.status_code)))
-            except httpx.TransportError as exc:
-                seen.append((sent, path, type(exc).__name__))
-            stop.wait(max(0.0, sent + 0.1 - time.monotonic()))
-    return seen
-
-
-@pytest.mark.parametrize("kind", list(INTAKE_EXIT_STATUS))
-def test_intake_stays_open_through_the_drain_delay(kind: str, tmp_path: Path) -> None:
-    """From SIGTERM until drain_delay has passed, readiness answers 503 and
-    every other request, on a fresh connection each, is served; only then does
-    the server stop accepting, and it exits soon after (nothing is in flight)."""
-    drain_delay, exit_wait = 2.0, 6.0
-    (tmp_path / "intake_app.py").write_text(INTAKE_APP)
-    env = {"APP_DRAIN_DELAY": str(drain_delay), "APP_EXIT_WAIT": str(exit_wait)}
-    if kind == "hypercorn-serve":
-        env["APP_GUARD_SIGNALS"] = "1"
-    with running_server(kind, "intake_app:app", tmp_path, env=env) as server:
-        stop = threading.Event()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            probing = pool.submit(_probe_fresh_connections, server.url, stop)
-            time.sleep(0.6)
-            signalled = server.send_signal(signal.SIGTERM)
-            try:
-                status = server.wait_exit(timeout=exit_wait + 5)
-            finally:
-                exited = time.monotonic()
-                stop.set()
-            seen = probing.result(timeout=10)
-        log = server.output()
-    before = [s for t, _, s in seen if t < signalled]
-    # sent during the delay, less a margin at its end for the request to reach the
-    # server (the workers of a supervisor get the signal a little later: no harm)
-    during = [
-        (t - signalled, p, s) for t, p, s in seen if signalled <= t < signalled + drain_delay - 0.3
-    ]
-    served = [s for _, p, s in during if p == "/hello"]
-    ready = [s for t, p, s in during if p == "/healthz/ready" and t > 1.0]
-    print(
-        f"{kind}: before {before.count('200')}/{len(before)} ok; during the delay /hello "
-        f"{served.count('200')}/{len(served)} served, readiness {sorted(set(ready))}; after: "
-        f"{sorted({s for t, _, s in seen if t >= signalled + drain_delay})}; exit "
-        f"{exited - signalled:.2f}s after SIGTERM, status {status}"
-    )
-    failures = [(round(t - signalled, 2), p, s) for t, p, s in seen if not s.isdigit()]
-    assert before, log
-    assert set(before) == {"200"}, (failures, log)
-    assert len(served) >= 5, (during, log)
-    assert set(served) == {"200"}, (during, log)
-    assert ready, (during, log)
-    assert set(ready) == {"503"}, (during, log)
-    assert drain_delay - 0.5 < exited - signalled < exit_wait + 2.0, log
-    assert status == INTAKE_EXIT_STATUS[kind], log
-
-
-@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn", "hypercorn-trio"])
-def test_a_second_signal_cuts_the_drain_delay_short(kind: str, tmp_path: Path) -> None:
-    """A second SIGTERM forces the shutdown: the server is told to stop at once,
-    without waiting out the rest of the drain delay."""
-    drain_delay, exit_wait = 20.0, 25.0
-    (tmp_path / "intake_app.py").write_text(INTAKE_APP)
-    env = {"APP_DRAIN_DELAY": str(drain_delay), "APP_EXIT_WAIT": str(exit_wait)}
-    with running_server(kind, "intake_app:app", tmp_path, env=env) as server:
-        signalled = server.send_signal(signal.SIGTERM)
-        _wait_for(lambda: httpx.get(server.url + "/healthz/ready", timeout=2).status_code == 503, 5)
-        assert httpx.get(server.url + "/hello", timeout=2).status_code == 200
-        server.send_signal(signal.SIGTERM)
-        status = server.wait_exit(timeout=10)
-        exited = time.monotonic() - signalled
-        print(f"{kind}: exit {exited:.2f}s after the first SIGTERM, status {status}")
-        assert exited < drain_delay - 5, server.output()
-        assert status == INTAKE_EXIT_STATUS[kind], server.output()
