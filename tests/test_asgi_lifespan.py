@@ -288,6 +288,7 @@ def _probe_fresh_connections(url: str, stop: threading.Event) -> list[tuple[floa
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(INTAKE_EXIT_STATUS))
 def test_intake_stays_open_through_the_drain_delay(kind: str, tmp_path: Path) -> None:
     """From SIGTERM until drain_delay has passed, readiness answers 503 and
@@ -336,6 +337,7 @@ def test_intake_stays_open_through_the_drain_delay(kind: str, tmp_path: Path) ->
     assert status == INTAKE_EXIT_STATUS[kind], log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["uvicorn", "hypercorn", "hypercorn-trio"])
 def test_a_second_signal_cuts_the_drain_delay_short(kind: str, tmp_path: Path) -> None:
     """A second SIGTERM forces the shutdown: the server is told to stop at once,
