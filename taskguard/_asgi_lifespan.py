@@ -157,6 +157,10 @@ class Lifespan:
                     await anyio.sleep_forever()
                     return
                 await guard.wait_closed()
+                if chain.stop_trio is not None:
+                    # The server was told to stop: let it finish the connections it
+                    # accepted (a request not in the app yet), within cancel_grace.
+                    await anyio.sleep(guard.config.cancel_grace)
                 race.cancel_scope.cancel()
 
             race.start_soon(from_server)

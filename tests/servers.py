@@ -161,9 +161,11 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def send_signal(self, sig: int = signal.SIGTERM) -> float:
-        """Send ``sig`` to the server (the supervisor, for multi-process kinds); when."""
+        """Send ``sig`` to the server (the supervisor, for multi-process kinds); when
+        (taken just before: whatever a test saw earlier happened before the signal)."""
+        sent = time.monotonic()
         self.proc.send_signal(sig)
-        return time.monotonic()
+        return sent
 
     def wait_exit(self, timeout: float) -> int:
         try:

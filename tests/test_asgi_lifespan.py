@@ -269,10 +269,11 @@ INTAKE_EXIT_STATUS = {
 }
 
 
-def _probe_fresh_connections(url: str, stop: threading.Event) -> list[tuple[float, str, str]]:
+def _probe_fresh_connections(
+    url: str, stop: threading.Event, seen: list[tuple[float, str, str]]
+) -> None:
     """Every 100 ms a request on a fresh connection, alternately the app and the
-    readiness route: (when sent, path, status code or error name)."""
-    seen: list[tuple[float, str, str]] = []
+    readiness route, into ``seen``: (when sent, path, status code or error name)."""
     paths = ["/hello", "/healthz/ready"]
     no_reuse = httpx.Limits(max_keepalive_connections=0)
     with httpx.Client(base_url=url, timeout=3, limits=no_reuse) as client:
@@ -285,7 +286,6 @@ def _probe_fresh_connections(url: str, stop: threading.Event) -> list[tuple[floa
             except httpx.TransportError as exc:
                 seen.append((sent, path, type(exc).__name__))
             stop.wait(max(0.0, sent + 0.1 - time.monotonic()))
-    return seen
 
 
 @pytest.mark.slow
@@ -301,16 +301,20 @@ def test_intake_stays_open_through_the_drain_delay(kind: str, tmp_path: Path) ->
         env["APP_GUARD_SIGNALS"] = "1"
     with running_server(kind, "intake_app:app", tmp_path, env=env) as server:
         stop = threading.Event()
+        seen: list[tuple[float, str, str]] = []
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            probing = pool.submit(_probe_fresh_connections, server.url, stop)
-            time.sleep(0.6)
+            probing = pool.submit(_probe_fresh_connections, server.url, stop, seen)
+            deadline = time.monotonic() + 10
+            while len(seen) < 4:  # probing runs
+                assert time.monotonic() < deadline, "the probes did not start"
+                time.sleep(0.05)
             signalled = server.send_signal(signal.SIGTERM)
             try:
                 status = server.wait_exit(timeout=exit_wait + 5)
             finally:
                 exited = time.monotonic()
                 stop.set()
-            seen = probing.result(timeout=10)
+            probing.result(timeout=10)
         log = server.output()
     before = [s for t, _, s in seen if t < signalled]
     # sent during the delay, less a margin at its end for the request to reach the
@@ -322,7 +326,8 @@ def test_intake_stays_open_through_the_drain_delay(kind: str, tmp_path: Path) ->
     ready = [s for t, p, s in during if p == "/healthz/ready" and t > 1.0]
     print(
         f"{kind}: before {before.count('200')}/{len(before)} ok; during the delay /hello "
-        f"{served.count('200')}/{len(served)} served, readiness {sorted(set(ready))}; after: "
+        f"{served.count('200')}/{len(served)} served, readiness "
+        f"{[(round(t, 2), s) for t, p, s in during if p == '/healthz/ready']}; after: "
         f"{sorted({s for t, _, s in seen if t >= signalled + drain_delay})}; exit "
         f"{exited - signalled:.2f}s after SIGTERM, status {status}"
     )

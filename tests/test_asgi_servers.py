@@ -173,6 +173,10 @@ class Server:
         data = httpx.get(self.url + "/progress", timeout=5).json()
         return dict(data["streams"].get(key, {}))
 
+    def open_sections(self) -> int:
+        data = httpx.get(self.url + "/progress", timeout=5).json()
+        return int(data["guard"]["guarded"])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -233,7 +237,9 @@ def test_sigterm_cuts_streams_and_lets_requests_finish(
             assert time.monotonic() < deadline, "streams did not start"
             time.sleep(0.02)
         slow_f = pool.submit(httpx.get, f"{server.url}/slow/800", timeout=10)
-        time.sleep(0.2)  # the slow request is in flight
+        # the slow request is in flight: a guarded section beside the two streams
+        # (and the /progress request asking)
+        _wait_for(lambda: server.open_sections() >= 4, timeout=5)
         signalled = server.term()
         plain_end, plain_at = plain_f.result(timeout=10)
         sse_end, sse_at = sse_f.result(timeout=10)
