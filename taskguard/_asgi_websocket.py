@@ -224,13 +224,39 @@ class WebSocketSession:
 
     async def _deliver(self, out: _Out) -> None:
         try:
-            await self.real_send(out.message)
+            if self.guard.backend.send_in_task:
+                await self._send_in_task(out.message)
+            else:
+                await self.real_send(out.message)
         except Exception as exc:
             # The app gets the server's error from its send; the stream ends.
             out.error, self.app_informed = exc, True
             raise anyio.BrokenResourceError(f"the websocket is gone: {exc!r}") from exc
         finally:
             out.done.set()
+
+    async def _send_in_task(self, message: Message) -> None:
+        """Send from a task of its own, so that a send the server shields from
+        cancellation (hypercorn's trio worker does) cannot hold the pump: on a
+        stall or at shutdown the pump and the app stop; the send ends with the
+        connection."""
+        done = anyio.Event()
+        failure: list[Exception] = []
+
+        async def run() -> None:
+            try:
+                await self.real_send(message)
+            except Exception as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+                _SENDING.discard(task)
+
+        task = self.guard.backend.start_system_task(run, name="taskguard-websocket-send")
+        _SENDING.add(task)
+        await done.wait()
+        if failure:
+            raise failure[0]
 
     async def _watch(self) -> None:
         """Read the server's receive while the app does not, to see the client leave
@@ -296,6 +322,10 @@ class WebSocketSession:
             await self.real_send({"type": "websocket.http.response.body", "body": body})
         else:
             await self.real_send({"type": "websocket.close", "code": 1013})
+
+
+#: sends running in tasks of their own (strong references until they end)
+_SENDING: set[object] = set()
 
 
 async def _outgoing(channel: MemoryObjectReceiveStream[_Out]) -> AsyncIterator[_Out]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -66,12 +67,13 @@ api = FastAPI(lifespan=lifespan)
 @api.websocket("/ticks")
 async def ticks(websocket: WebSocket, ctl: Annotated[StreamControl, Depends(stream_control)]):
     key = websocket.query_params.get("key", "k")
+    pad = "x" * int(websocket.query_params.get("pad", "0"))
     state = progress[key] = {"produced": 0, "finally": False}
     ctl.final_message = lambda sent: json.dumps({"resume_after": sent - 1})
     await websocket.accept()
     try:
         while True:
-            await websocket.send_text(json.dumps({"i": state["produced"]}))
+            await websocket.send_text(json.dumps({"i": state["produced"], "pad": pad}))
             state["produced"] += 1
             await anyio.sleep(0.05)
     finally:
@@ -100,6 +102,7 @@ app = TaskGuardMiddleware(
     guard,
     readiness_path="/healthz/ready",
     websocket_close_code=int(os.environ.get("APP_CLOSE_CODE", "1012")),
+    send_timeout=float(os.environ.get("APP_SEND_TIMEOUT", "30")),
 )
 """
 
@@ -161,7 +164,7 @@ def test_sigterm_closes_the_websocket_after_the_final_message(
     assert closed.rcvd is not None, output
     assert closed.rcvd.code == code, output
     final = received[-1]
-    ticks = [item["i"] for item in received[:-1]]
+    ticks: list[int] = [item["i"] for item in received[:-1]]
     assert ticks == list(range(len(ticks)))
     assert "resume_after" in final, received
     assert final["resume_after"] in (ticks[-1], ticks[-1] - 1)  # at least once: one in flight
@@ -194,6 +197,41 @@ def test_a_client_that_leaves_stops_the_producer(kind: str, tmp_path: Path) -> N
     print(f"{kind}: producer stopped {took:.3f}s after the client left, {produced} produced")
     assert produced < 3 + 5  # within a few items
     assert report["streams"] == {"disconnected": 1}, report
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_client_that_stops_reading_is_cut_after_send_timeout(kind: str, tmp_path: Path) -> None:
+    """The client stops reading (no compression, 200 KB messages, a 4 KiB receive
+    buffer): once the buffers are full a send blocks; after send_timeout (1 s)
+    the producer is stopped and the connection counts as stalled."""
+    server, report_file = _start(kind, tmp_path, APP_SEND_TIMEOUT="1")
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    url = server.url.replace("http://", "ws://") + "/ticks?key=stall&pad=200000"
+    ws = connect(url, sock=sock, compression=None, max_queue=1, max_size=None)
+    try:
+
+        def state() -> dict[str, Any]:
+            return dict(httpx.get(server.url + "/progress", timeout=5).json()["stall"])
+
+        def stuck() -> bool:
+            before = state()["produced"]
+            time.sleep(0.3)
+            return bool(state()["produced"] == before)
+
+        _wait_for(stuck, 20)
+        blocked = time.monotonic()
+        _wait_for(lambda: state()["finally"] is True, 1 + 4)
+        took = time.monotonic() - blocked
+        produced = state()["produced"]
+        ws.close_socket()
+        report = _shut_down(server, report_file)
+    finally:
+        ws.close_socket()
+        server.stop()
+    print(f"{kind}: sends blocked after {produced} messages; producer stopped {took:.2f}s later")
+    assert report["streams"] == {"stalled": 1}, report
 
 
 @pytest.mark.slow
