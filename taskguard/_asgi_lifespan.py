@@ -49,6 +49,7 @@ class Lifespan:
         self.app_error: Exception | None = None
         self.app_spoke = False
         self.app_done = anyio.Event()
+        self.chain: SignalChain | None = None  # this lifespan's, if signals are chained
 
     async def run(self) -> None:
         self.mw._lifespans += 1
@@ -81,7 +82,7 @@ class Lifespan:
                 tg.cancel_scope.cancel()
                 return exc
             if self.mw.signals == "auto" and not guard.config.handle_signals:
-                chain = self.mw._chain = SignalChain(guard)
+                chain = self.chain = self.mw._chain = SignalChain(guard)
                 chain.install()
                 tg.start_soon(self._stop_intake, chain)
             reply = await self._call({"type": "lifespan.startup"})
@@ -97,7 +98,7 @@ class Lifespan:
             await self._wait_for_shutdown()
             await self._close_guard()  # background work drains before the app shuts down
             reply = await self._call({"type": "lifespan.shutdown"})
-            takeover = self.mw._chain.takeover if self.mw._chain is not None else None
+            takeover = self.chain.takeover if self.chain is not None else None
             if takeover is not None:
                 _die(takeover)
             if reply is None and self.app_error is not None:
@@ -144,7 +145,7 @@ class Lifespan:
 
     async def _wait_for_shutdown(self) -> None:
         """Wait for the server's lifespan.shutdown, or for a takeover (see SignalChain)."""
-        chain, guard = self.mw._chain, self.mw.guard
+        chain, guard = self.chain, self.mw.guard
         async with anyio.create_task_group() as race:
 
             async def from_server() -> None:
@@ -173,8 +174,8 @@ class Lifespan:
                 guard.shutdown("lifespan shutdown")
             await guard.__aexit__(None, None, None)
         finally:
-            if self.mw._chain is not None:
-                self.mw._chain.restore()
+            if self.chain is not None:
+                self.chain.restore()
 
     async def _failed(self, phase: str, text: str) -> None:
         await self.send({"type": f"lifespan.{phase}.failed", "message": text})
