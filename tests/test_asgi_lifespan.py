@@ -149,6 +149,27 @@ async def django_like(scope, receive, send):
 
 
 app = TaskGuardMiddleware(django_like, taskguard.TaskGuard(exit_wait_timeout=5))
+
+
+class NoLifespan:  # the recipe of docs/asgi.md: a lifespan that does nothing
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+        while True:
+            kind = (await receive())["type"]
+            await send({"type": kind + ".complete"})
+            if kind == "lifespan.shutdown":
+                return
+
+
+guarded = TaskGuardMiddleware(
+    NoLifespan(django_like),
+    taskguard.TaskGuard(exit_wait_timeout=5),
+    readiness_path="/healthz/ready",
+)
 """
 
 
@@ -167,6 +188,20 @@ def test_an_app_without_lifespan_support_exits_on_sigterm_as_it_does_plain(
             statuses[name] = server.wait_exit(timeout=10)
             assert "ASGI 'lifespan' protocol appears unsupported." in server.output()
     assert statuses["django_like:app"] == statuses["django_like:django_like"] == -signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_an_app_without_lifespan_support_is_guarded_with_a_stub_lifespan(tmp_path: Path) -> None:
+    """The docs' recipe: a do-nothing lifespan in front of the app lets the
+    middleware run its guard (readiness answers 200 only while the guard runs),
+    and SIGTERM still ends the process."""
+    (tmp_path / "django_like.py").write_text(DJANGO_LIKE)
+    with running_server("uvicorn", "django_like:guarded", tmp_path) as server:  # ready: 200
+        assert httpx.get(server.url + "/", timeout=5).text == "ok"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait_exit(timeout=10) == -signal.SIGTERM
+        log = server.output()
+    assert "unsupported" not in log
 
 
 # -- one wrapped app, several lifespans ----------------------------------------------
