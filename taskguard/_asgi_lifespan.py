@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
 from ._report import State
 
@@ -28,52 +31,81 @@ Message = MutableMapping[str, Any]
 
 
 class Lifespan:
-    """Mediates the lifespan protocol between the server, the guard and the app."""
+    """Mediates the lifespan protocol between the server, the guard and the app.
+
+    The guard starts before the app's startup and is closed before the app's
+    shutdown. Whatever the app's lifespan call raises reaches the server as it
+    would without the middleware: after a ``lifespan.*.failed`` it forwarded,
+    or, for an app without lifespan support (it raises before it says
+    anything), at once, so the server goes on without a lifespan. An exception
+    raised later (a lifespan that crashes while the app runs) is raised once
+    the guard is closed.
+    """
 
     def __init__(self, mw: TaskGuardMiddleware, scope: Scope, receive: Receive, send: Send):
         self.mw, self.scope, self.receive, self.send = mw, scope, receive, send
         self.to_app, self.app_in = anyio.create_memory_object_stream[Message](1)
         self.app_out, self.from_app = anyio.create_memory_object_stream[Message](1)
-        self.app_error: BaseException | None = None
+        self.app_error: Exception | None = None
         self.app_spoke = False
+        self.app_done = anyio.Event()
+        self.chain: SignalChain | None = None  # this lifespan's, if signals are chained
 
     async def run(self) -> None:
+        self.mw._lifespans += 1
         try:
-            await self._run()
+            error = await self._run()
         finally:
+            self.mw._lifespans -= 1
             for stream in (self.to_app, self.app_in, self.app_out, self.from_app):
                 stream.close()
+        if error is not None:  # raised here, not wrapped in the task group's ExceptionGroup
+            raise error
 
-    async def _run(self) -> None:
+    def _unsupported(self) -> bool:
+        """The app ended with an exception before saying anything (no lifespan support)."""
+        return self.app_done.is_set() and self.app_error is not None and not self.app_spoke
+
+    async def _run(self) -> Exception | None:
+        """Run the lifespan; return the exception the server is to get, if any."""
         guard = self.mw.guard
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._run_app)
             await self.receive()  # lifespan.startup
+            await anyio.lowlevel.checkpoint()  # an app that raises at once has done so now
+            if self._unsupported():  # e.g. Django's ASGIHandler: no guard, no lifespan
+                return self.app_error
             try:
                 await guard.__aenter__()
-            except Exception:
+            except Exception as exc:
                 await self._failed("startup", traceback.format_exc())
                 tg.cancel_scope.cancel()
-                return
+                return exc
             if self.mw.signals == "auto" and not guard.config.handle_signals:
-                self.mw._chain = SignalChain(guard)
-                self.mw._chain.install()
+                chain = self.chain = self.mw._chain = SignalChain(guard)
+                chain.install()
+                tg.start_soon(self._stop_intake, chain)
             reply = await self._call({"type": "lifespan.startup"})
+            if reply is None and self._unsupported():
+                await self._close_guard()
+                return self.app_error
             if reply is not None and reply["type"] == "lifespan.startup.failed":
                 await self._close_guard()
                 await self.send(reply)
-                tg.cancel_scope.cancel()
-                return
-            await self.send({"type": "lifespan.startup.complete"})
-            takeover = await self._wait_for_shutdown()
+                await self.app_done.wait()  # Starlette raises right after saying so
+                return self.app_error
+            await self.send(reply or {"type": "lifespan.startup.complete"})
+            await self._wait_for_shutdown()
             await self._close_guard()  # background work drains before the app shuts down
             reply = await self._call({"type": "lifespan.shutdown"})
-            if reply is None and self.app_error is not None and self.app_spoke:
-                text = "".join(traceback.format_exception(self.app_error))
-                reply = {"type": "lifespan.shutdown.failed", "message": text}
+            takeover = self.chain.takeover if self.chain is not None else None
             if takeover is not None:
                 _die(takeover)
+            if reply is None and self.app_error is not None:
+                return self.app_error  # it crashed while the app ran: the server gets it now
             await self.send(reply or {"type": "lifespan.shutdown.complete"})
+            await self.app_done.wait()
+        return self.app_error
 
     async def _run_app(self) -> None:
         async def send(message: Message) -> None:
@@ -84,12 +116,18 @@ class Lifespan:
             await self.mw.app(self.scope, self.app_in.receive, send)
         except Exception as exc:
             self.app_error = exc
-            if not self.app_spoke:  # like uvicorn's lifespan "auto": not supported
-                logger.info("the app does not support the ASGI lifespan (%r): ignored", exc)
-            else:
-                logger.error("the app's lifespan failed", exc_info=exc)
+            if self.app_spoke and self.mw.guard.state is State.RUNNING:
+                logger.warning(
+                    "the app's lifespan raised %r while the app runs; the server gets it "
+                    "once the guard is closed",
+                    exc,
+                )
         finally:
+            # Our next message to the app fails at once instead of waiting for a
+            # reader that is gone (it used to hang the server's shutdown).
             self.app_out.close()
+            self.app_in.close()
+            self.app_done.set()
 
     async def _call(self, message: Message) -> Message | None:
         """Send ``message`` to the app's lifespan; its reply, or None if it has none."""
@@ -97,15 +135,17 @@ class Lifespan:
             await self.to_app.send(message)
             return await self.from_app.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            if message["type"] == "lifespan.startup" and self.app_error and self.app_spoke:
-                text = "".join(traceback.format_exception(self.app_error))
-                return {"type": "lifespan.startup.failed", "message": text}
+            await self.app_done.wait()  # its exception, if any, is recorded
             return None
 
-    async def _wait_for_shutdown(self) -> int | None:
+    async def _stop_intake(self, chain: SignalChain) -> None:
+        """Run the server's own exit handlers once intake is to stop."""
+        await self.mw.guard.wait_for_intake_stop()
+        chain.release()
+
+    async def _wait_for_shutdown(self) -> None:
         """Wait for the server's lifespan.shutdown, or for a takeover (see SignalChain)."""
-        chain, guard = self.mw._chain, self.mw.guard
-        took_over: list[int] = []
+        chain, guard = self.chain, self.mw.guard
         async with anyio.create_task_group() as race:
 
             async def from_server() -> None:
@@ -118,12 +158,14 @@ class Lifespan:
                     await anyio.sleep_forever()
                     return
                 await guard.wait_closed()
-                took_over.append(chain.takeover)
+                if chain.stop_trio is not None:
+                    # The server was told to stop: let it finish the connections it
+                    # accepted (a request not in the app yet), within cancel_grace.
+                    await anyio.sleep(guard.config.cancel_grace)
                 race.cancel_scope.cancel()
 
             race.start_soon(from_server)
             race.start_soon(takeover)
-        return took_over[0] if took_over else None
 
     async def _close_guard(self) -> None:
         guard = self.mw.guard
@@ -132,8 +174,8 @@ class Lifespan:
                 guard.shutdown("lifespan shutdown")
             await guard.__aexit__(None, None, None)
         finally:
-            if self.mw._chain is not None:
-                self.mw._chain.restore()
+            if self.chain is not None:
+                self.chain.restore()
 
     async def _failed(self, phase: str, text: str) -> None:
         await self.send({"type": f"lifespan.{phase}.failed", "message": text})
@@ -142,19 +184,31 @@ class Lifespan:
 class SignalChain:
     """Exit-signal handlers installed at lifespan startup, in front of the server's.
 
-    Our handler tells the guard first, then calls the server's handler (uvicorn's
-    ``handle_exit``, asyncio's wake-up for hypercorn). A signal the server
-    leaves at its default action (SIGTERM under ``hypercorn -k trio``), or to
-    trio's KeyboardInterrupt handler (SIGINT there), is taken over: once the
-    guard is closed, the app's lifespan shutdown runs and the signal is
-    re-raised with its default action, so the process exits with the
-    conventional status (-15 / 143 for SIGTERM, -2 / 130 for SIGINT).
+    Our handler tells the guard first. The server's own handler (uvicorn's
+    ``handle_exit``, asyncio's wake-up for hypercorn) runs once intake is to
+    stop (``guard.wait_for_intake_stop()``: ``drain_delay`` after the trigger,
+    at once without a delay or on a second signal), so the server keeps
+    accepting and serving through the delay while readiness says 503.
+
+    A signal the server leaves at its default action (SIGTERM under
+    ``hypercorn -k trio``), or to trio's KeyboardInterrupt handler (SIGINT
+    there), is taken over: when intake is to stop, the server is told through
+    trio's own Ctrl-C path (a KeyboardInterrupt delivered to the main task,
+    never raised in whatever code runs at the signal); once the guard is closed,
+    the app's lifespan shutdown runs and the signal is re-raised with its
+    default action, so the process exits with the conventional status
+    (-15 / 143 for SIGTERM, -2 / 130 for SIGINT).
     """
 
     def __init__(self, guard: TaskGuard) -> None:
         self.guard = guard
         self.previous: dict[int, Any] = {}
         self.takeover: int | None = None
+        #: the server's handlers not run yet: (handler, signal, frame)
+        self.held: list[tuple[Callable[[int, FrameType | None], object], int, Any]] = []
+        self.released = False
+        self.relay: _WakeupRelay | None = None
+        self.stop_trio: Callable[[int, FrameType | None], object] | None = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -163,12 +217,17 @@ class SignalChain:
                 "signals cannot be chained; call guard.handle_signal() or shutdown() yourself"
             )
             return
+        ctrl_c = signal.getsignal(signal.SIGINT)
+        if _is_trio(ctrl_c) and callable(ctrl_c):
+            self.stop_trio = ctrl_c
         for sig in self.guard.config.exit_signals:
             previous = signal.getsignal(sig)
             if previous is signal.SIG_IGN:
                 continue  # ignored on purpose (e.g. hypercorn's workers ignore SIGINT)
             self.previous[sig] = previous
             signal.signal(sig, self._handle)
+        if self.previous and self.guard.config.drain_delay and self.guard.backend.name == "asyncio":
+            self.relay = _WakeupRelay.install(frozenset(self.previous))
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         previous = self.previous.get(signum)
@@ -176,21 +235,122 @@ class SignalChain:
             # trio's Ctrl-C handler raises KeyboardInterrupt wherever the main
             # thread happens to be, e.g. inside a connection handler, which can
             # crash the server before its lifespan shutdown: take it over instead.
-            getattr(previous, "__module__", "").startswith("trio.")
+            _is_trio(previous)
         )
         if default and self.takeover is None:
             self.takeover = signum
         self.guard.handle_signal(signum)
         if not default and callable(previous):
-            previous(signum, frame)
+            self.held.append((previous, signum, frame))
+        if self.released or not self.guard.config.drain_delay or self.guard.signals_seen >= 2:
+            self.release()
+
+    def release(self) -> None:
+        """Intake stops: the server's own handlers run now, and from now on at once.
+
+        Idempotent; called on the event-loop thread (at intake stop) or from our
+        signal handler (without a drain delay, or on a second signal).
+        """
+        first = not self.released
+        self.released = True
+        while self.held:
+            handler, signum, frame = self.held.pop(0)
+            handler(signum, frame)
+        if not first:
+            return
+        if self.relay is not None:
+            self.relay.release()
+        if self.takeover is not None and self.stop_trio is not None:
+            # trio's own Ctrl-C path, from a frame it counts as protected (None):
+            # a KeyboardInterrupt for the main task (hypercorn's serve loop), which
+            # closes the listeners and goes on to the lifespan shutdown.
+            self.stop_trio(signal.SIGINT, None)
 
     def restore(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self.release()
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
         for sig, previous in self.previous.items():
             if signal.getsignal(sig) == self._handle:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
         self.previous.clear()
+
+
+class _WakeupRelay:
+    """Holds back the wake-up bytes of exit signals until intake stops.
+
+    asyncio's ``loop.add_signal_handler`` (hypercorn's asyncio worker) learns of
+    a signal from the byte the C-level handler writes to the fd set with
+    ``signal.set_wakeup_fd``, whatever Python-level handler runs. So we put a
+    socket of ours there and pass the bytes on (the documented protocol: one
+    byte per signal, its number): those of other signals at once, those of
+    exit signals once intake stops.
+    """
+
+    def __init__(
+        self, target: int, reader: socket.socket, writer: socket.socket, hold: frozenset[int]
+    ):
+        self.target, self.reader, self.writer, self.hold = target, reader, writer, hold
+        self.pending = bytearray()
+        self.released = False
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(reader.fileno(), self._read)
+
+    @classmethod
+    def install(cls, hold: frozenset[int]) -> _WakeupRelay | None:
+        """Relay the current wake-up fd, if there is one (else there is nothing to hold)."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        target = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        if target == -1:
+            signal.set_wakeup_fd(-1)
+            reader.close()
+            writer.close()
+            return None
+        return cls(target, reader, writer, hold)
+
+    def _read(self) -> None:
+        try:
+            data = self.reader.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        for signum in data:
+            if signum in self.hold and not self.released:
+                self.pending.append(signum)
+            else:
+                self._forward(bytes((signum,)))
+        if self.released and self.pending:  # released by a signal handler meanwhile
+            self.release()
+
+    def release(self) -> None:
+        self.released = True
+        data, self.pending = bytes(self.pending), bytearray()
+        if data:
+            self._forward(data)
+
+    def _forward(self, data: bytes) -> None:
+        try:
+            os.write(self.target, data)
+        except OSError:  # full or closed: the loop would have lost it the same way
+            pass
+
+    def close(self) -> None:
+        self.release()
+        current = signal.set_wakeup_fd(self.target)
+        if current != self.writer.fileno():  # someone set their own since: leave it
+            signal.set_wakeup_fd(current)
+        self.loop.remove_reader(self.reader.fileno())
+        self._read()  # what arrived meanwhile
+        self.reader.close()
+        self.writer.close()
+
+
+def _is_trio(handler: object) -> bool:
+    return getattr(handler, "__module__", "").startswith("trio.")
 
 
 def _die(signum: int) -> None:

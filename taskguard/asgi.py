@@ -19,6 +19,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._asgi_lifespan import Lifespan, SignalChain
+from ._asgi_websocket import WebSocketSession, check_close_code
 from ._config import GuardConfig
 from ._exceptions import ShuttingDownError
 from ._guard import TaskGuard
@@ -115,6 +116,10 @@ class TaskGuardMiddleware:
       client disconnects, after ``max_duration`` and when one send takes
       longer than ``send_timeout``: the app is cancelled, then the response
       is aborted (incomplete body) or ends with its ``final_message``;
+    * every websocket connection is a guarded section; at shutdown (after
+      ``stream_grace``) the app is cancelled and the connection gets the
+      app's final message, if any, and a close frame with
+      ``websocket_close_code`` (1012 service restart, or 1001 going away);
     * ``signals="auto"`` (default): unless the guard handles signals itself
       (``handle_signals=True``), the exit signals are chained at lifespan
       startup in front of the server's own handlers, so shutdown starts at
@@ -131,6 +136,7 @@ class TaskGuardMiddleware:
         max_duration: float | None = None,
         readiness_path: str | None = None,
         signals: Literal["auto", "off"] = "auto",
+        websocket_close_code: Literal[1012, 1001] = 1012,
     ) -> None:
         if guard is not None and config is not None:
             raise TypeError("pass a guard or a config, not both")
@@ -142,7 +148,9 @@ class TaskGuardMiddleware:
         self.max_duration = max_duration
         self.readiness_path = readiness_path
         self.signals = signals
+        self.websocket_close_code = check_close_code(websocket_close_code)
         self._chain: SignalChain | None = None
+        self._lifespans = 0  # lifespans in progress (counted by _asgi_lifespan.Lifespan)
         self._warned_idle = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -151,7 +159,9 @@ class TaskGuardMiddleware:
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await Lifespan(self, scope, receive, send).run()
-        else:  # websockets pass through untouched
+        elif kind == "websocket":
+            await WebSocketSession(self, scope, receive, send).run()
+        else:  # other scope types pass through untouched
             await self.app(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,7 +175,8 @@ class TaskGuardMiddleware:
             await _respond(send, 200 if ok else 503, body, b"application/json")
             return
         state = guard.state
-        if state is State.IDLE:
+        if state is State.IDLE or (state is State.CLOSED and not self._lifespans):
+            # outside any lifespan (before the first, between two, after the last)
             if not self._warned_idle:
                 self._warned_idle = True
                 logger.warning(

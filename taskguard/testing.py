@@ -69,9 +69,22 @@ async def asgi_lifespan(app: Callable[..., Awaitable[None]]) -> AsyncIterator[No
     app_out, from_app = anyio.create_memory_object_stream[MutableMapping[str, Any]](2)
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
 
+    said_failed = False
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal said_failed
+        said_failed = said_failed or message["type"].endswith(".failed")
+        await app_out.send(message)
+
     async def run() -> None:
         async with app_out:
-            await app(scope, app_in.receive, app_out.send)
+            try:
+                await app(scope, app_in.receive, send)
+            except Exception:
+                # As servers do: after lifespan.*.failed the app's exception (Starlette
+                # raises right after saying so) adds nothing to the failure reported.
+                if not said_failed:
+                    raise
 
     async def call(kind: str) -> None:
         await to_app.send({"type": f"lifespan.{kind}"})

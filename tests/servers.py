@@ -9,6 +9,10 @@ would, on 127.0.0.1, and waits until ``ready_path`` answers 200. Kinds:
 - ``gunicorn``: ``gunicorn -k uvicorn_worker.UvicornWorker -w 2 module:app``
 - ``hypercorn``: ``hypercorn --workers 0 module:app`` (asyncio, in-process)
 - ``hypercorn-trio``: the same with ``-k trio``
+- ``hypercorn-serve``: a script calling ``hypercorn.asyncio.serve(app, config,
+  shutdown_trigger=app.guard.wait_for_intake_stop)``; ``app`` must be a
+  ``TaskGuardMiddleware`` whose guard handles the signals itself
+  (``handle_signals=True``), as docs/asgi.md says for ``serve()``
 
 The app module is found on ``PYTHONPATH`` (the repository root and the test's
 ``tmp_path`` are on it), so a test can write its own app file next to its data.
@@ -31,7 +35,19 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("uvicorn", "uvicorn-workers", "gunicorn", "hypercorn", "hypercorn-trio")
+KINDS = ("uvicorn", "uvicorn-workers", "gunicorn", "hypercorn", "hypercorn-trio", "hypercorn-serve")
+
+SERVE_SCRIPT = """
+import asyncio, importlib, sys
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+module, _, name = sys.argv[1].partition(":")
+app = getattr(importlib.import_module(module), name)
+config = Config()
+config.bind = [sys.argv[2]]
+asyncio.run(serve(app, config, shutdown_trigger=app.guard.wait_for_intake_stop))
+"""
 
 
 def free_port() -> int:
@@ -86,6 +102,7 @@ def server_command(kind: str, app: str, port: int, extra: Sequence[str] = ()) ->
                      "-b", bind, app],
         "hypercorn": [py, "-m", "hypercorn", "--workers", "0", "-b", bind, app],
         "hypercorn-trio": [py, "-m", "hypercorn", "--workers", "0", "-k", "trio", "-b", bind, app],
+        "hypercorn-serve": [py, "-c", SERVE_SCRIPT, app, bind],
     }  # fmt: skip
     return [*commands[kind], *extra]
 
@@ -144,9 +161,11 @@ class ServerProcess:
         return self.log.read_text(errors="replace")
 
     def send_signal(self, sig: int = signal.SIGTERM) -> float:
-        """Send ``sig`` to the server (the supervisor, for multi-process kinds); when."""
+        """Send ``sig`` to the server (the supervisor, for multi-process kinds); when
+        (taken just before: whatever a test saw earlier happened before the signal)."""
+        sent = time.monotonic()
         self.proc.send_signal(sig)
-        return time.monotonic()
+        return sent
 
     def wait_exit(self, timeout: float) -> int:
         try:

@@ -3,7 +3,7 @@
 Each server runs as a subprocess started with its own command line on a free
 port of 127.0.0.1: ``uvicorn module:app``, ``hypercorn --workers 0 module:app``
 (asyncio and trio workers) and a script calling ``hypercorn.asyncio.serve(app,
-config, shutdown_trigger=guard.wait_for_shutdown)``.
+config, shutdown_trigger=guard.wait_for_intake_stop)``.
 
 Exit status conventions: uvicorn re-raises the signal after serving (-15 from
 Popen, 143 from a shell); hypercorn's asyncio worker and serve() return
@@ -55,7 +55,7 @@ example.guard = guard
 app = TaskGuardMiddleware(example.api, guard, send_timeout=2.0, readiness_path="/healthz/ready")
 config = Config()
 config.bind = [sys.argv[1]]
-asyncio.run(serve(app, config, shutdown_trigger=guard.wait_for_shutdown))
+asyncio.run(serve(app, config, shutdown_trigger=guard.wait_for_intake_stop))
 """
 
 # The same signup route without taskguard: asyncio.create_task from the handler.
@@ -173,6 +173,10 @@ class Server:
         data = httpx.get(self.url + "/progress", timeout=5).json()
         return dict(data["streams"].get(key, {}))
 
+    def open_sections(self) -> int:
+        data = httpx.get(self.url + "/progress", timeout=5).json()
+        return int(data["guard"]["guarded"])
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -233,7 +237,9 @@ def test_sigterm_cuts_streams_and_lets_requests_finish(
             assert time.monotonic() < deadline, "streams did not start"
             time.sleep(0.02)
         slow_f = pool.submit(httpx.get, f"{server.url}/slow/800", timeout=10)
-        time.sleep(0.2)  # the slow request is in flight
+        # the slow request is in flight: a guarded section beside the two streams
+        # (and the /progress request asking)
+        _wait_for(lambda: server.open_sections() >= 4, timeout=5)
         signalled = server.term()
         plain_end, plain_at = plain_f.result(timeout=10)
         sse_end, sse_at = sse_f.result(timeout=10)
