@@ -23,7 +23,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._guarded import _is_cancellation
+from ._guarded import is_cancellation
 from ._report import State
 from ._streams import GuardedStream, StreamOutcome
 
@@ -96,7 +96,7 @@ class WebSocketSession:
             with outer:
                 await self._run(scope)
         except BaseException as exc:
-            cancelled = _is_cancellation(exc)
+            cancelled = is_cancellation(exc)
             raise
         finally:
             section.close(cancelled)
