@@ -7,6 +7,7 @@ built and an error names the field path, e.g. ``groups.mail.timeout``.
 
 from __future__ import annotations
 
+import functools
 import signal
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -94,7 +95,7 @@ class GroupConfig(BaseModel):
     the group's tasks request shutdown.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     on_shutdown: Literal["drain", "cancel"] = "drain"
     timeout: PositiveSeconds | None = None
@@ -120,7 +121,10 @@ class GuardConfig(BaseModel):
     are in seconds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    # defer_build: the validators are built on first use, not by `import taskguard`
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, defer_build=True
+    )
 
     #: the whole drain, counted from the shutdown trigger (includes drain_delay
     #: and the before_drain hooks)
@@ -205,7 +209,7 @@ class GuardConfig(BaseModel):
 
     def group(self, name: str) -> GroupConfig:
         """The configuration of group ``name`` (defaults for a group not configured)."""
-        return self.groups.get(name) or _DEFAULT_GROUP
+        return self.groups.get(name) or _default_group()
 
     @classmethod
     def from_env(cls, prefix: str = "TASKGUARD_", **overrides: Any) -> GuardConfig:
@@ -221,4 +225,6 @@ class GuardConfig(BaseModel):
         return load_env(prefix, overrides)
 
 
-_DEFAULT_GROUP = GroupConfig()
+@functools.cache
+def _default_group() -> GroupConfig:
+    return GroupConfig()  # on first use: building it at import would undo defer_build
