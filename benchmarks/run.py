@@ -40,7 +40,16 @@ CASES = {
     "streams": "benchmarks.case_streams",
     "asgi": "benchmarks.case_asgi",
 }
-PACKAGES = ("taskguard", "anyio", "trio", "aiojobs", "pydantic", "uvicorn", "starlette", "httpx")
+PACKAGES = (
+    "anyio-taskguard",  # the distribution of the taskguard package
+    "anyio",
+    "trio",
+    "aiojobs",
+    "pydantic",
+    "uvicorn",
+    "starlette",
+    "httpx",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
