@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 from helpers_reliability import Proc
-from servers import ctrl_c_as_in_a_terminal, free_port
+from servers import ctrl_c_as_in_a_terminal, free_port, require_program
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -262,6 +262,7 @@ def test_stream_resume(clone: Shell) -> None:
 
 @slow
 def test_fastapi_walkthrough(clone: Shell) -> None:
+    require_program("curl")
     clone.run(PIP_ASGI, timeout=300)
     with clone.start(UVICORN) as server:
         deadline = time.monotonic() + 30
@@ -313,14 +314,14 @@ def test_grpc_walkthrough(clone: Shell) -> None:
         server.wait_line("PORT ", timeout=30)
         ids = clone.run(RPC_SUBMIT, timeout=30).stdout.split()
         assert len(ids) == 3, ids
-        watched = clone.run(RPC_WATCH, timeout=60).stdout
-        assert "status OK" in watched, watched
         with clone.start(RPC_RESUME) as client:
             client.wait_line("message 20", timeout=30)
             ctrl_c(server)  # Ctrl-C in the server's terminal...
             assert server.wait(20) == 0, server.stderr()
             with clone.start(RPC_SERVER_PORT) as again:  # ...and start it again
                 again.wait_line("PORT ", timeout=30)
+                watched = clone.run(RPC_WATCH, timeout=60).stdout  # meanwhile, a plain watch
+                assert "status OK" in watched, watched
                 assert client.wait(60) == 0, client.stderr()
                 ctrl_c(again)
                 assert again.wait(20) == 0, again.stderr()
