@@ -278,12 +278,12 @@ async def plain_main(args: argparse.Namespace) -> int:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers([jobs.handler()])
         port = server.add_insecure_port(f"127.0.0.1:{args.port}")
-        await server.start()
-        print(f"PORT {port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before "PORT": a SIGTERM may follow it
             loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        print(f"PORT {port}", flush=True)
         await stop.wait()
         started = time.monotonic()
         await server.stop(args.exit_wait)  # the usual way: stop with a grace period
