@@ -6,8 +6,6 @@ promptly, shutdown steps run in order, all bounded by an exit wait and reported.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from ._config import GroupConfig, GuardConfig
 from ._current import current, guarded, on_shutdown, spawn
 from ._exceptions import (
@@ -35,9 +33,7 @@ from ._report import (
     StuckTask,
 )
 from ._runner import run
-
-if TYPE_CHECKING:
-    from ._streams import GuardedStream, StreamOutcome, StreamResult
+from ._streams import GuardedStream, StreamOutcome, StreamResult
 
 __version__ = "0.1.0"
 
@@ -74,14 +70,3 @@ __all__ = [
     "run",
     "spawn",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # The streams module is imported on first use: `import taskguard` stays lighter
-    # for code that has no streams (taskguard.asgi and taskguard.grpc import it).
-    if name in ("GuardedStream", "StreamOutcome", "StreamResult"):
-        from . import _streams
-
-        value = globals()[name] = getattr(_streams, name)
-        return value
-    raise AttributeError(f"module 'taskguard' has no attribute {name!r}")
