@@ -7,7 +7,6 @@ built and an error names the field path, e.g. ``groups.mail.timeout``.
 
 from __future__ import annotations
 
-import functools
 import signal
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
@@ -209,7 +208,7 @@ class GuardConfig(BaseModel):
 
     def group(self, name: str) -> GroupConfig:
         """The configuration of group ``name`` (defaults for a group not configured)."""
-        return self.groups.get(name) or _default_group()
+        return self.groups.get(name) or _DEFAULT_GROUP
 
     @classmethod
     def from_env(cls, prefix: str = "TASKGUARD_", **overrides: Any) -> GuardConfig:
@@ -225,6 +224,4 @@ class GuardConfig(BaseModel):
         return load_env(prefix, overrides)
 
 
-@functools.cache
-def _default_group() -> GroupConfig:
-    return GroupConfig()  # on first use: building it at import would undo defer_build
+_DEFAULT_GROUP = GroupConfig.model_construct()  # the defaults, without building the model
