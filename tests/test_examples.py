@@ -18,7 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ctrl_c_as_in_a_terminal, running_server
+from helpers_reliability import sigint_inherited_as_default
+from servers import running_server
 
 pytestmark = pytest.mark.slow  # real server processes
 
@@ -80,15 +81,15 @@ def test_fastapi_example_keeps_its_database_out_of_the_current_directory(
 
 def _quickstart(*signals: int) -> tuple[int, str]:
     """Run examples/quickstart.py, send ``signals`` once it runs; exit status and output."""
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("TASKGUARD_")},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=ctrl_c_as_in_a_terminal,
-    )
+    with sigint_inherited_as_default():
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "quickstart.py")],
+            cwd=ROOT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("TASKGUARD_")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     try:
         assert proc.stdout is not None
         head = ""

@@ -33,8 +33,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers_reliability import Proc
-from servers import ctrl_c_as_in_a_terminal, free_port, require_program
+from helpers_reliability import Proc, sigint_inherited_as_default
+from servers import free_port, require_program
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -203,7 +203,6 @@ class Shell:
                 stderr=err,
                 text=True,
                 start_new_session=True,
-                preexec_fn=ctrl_c_as_in_a_terminal,
             )
         proc = Proc(popen, stderr)
         try:
@@ -225,6 +224,12 @@ def _ignore(_dir: str, names: list[str]) -> set[str]:
     junk = {".venv", ".git", "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache"}
     junk |= {"build", "dist", "htmlcov", ".coverage"}
     return {n for n in names if n in junk or n.endswith((".egg-info", ".pyc", ".sqlite3"))}
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_works() -> Iterator[None]:
+    with sigint_inherited_as_default():
+        yield
 
 
 @pytest.fixture(scope="session")
