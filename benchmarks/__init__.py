@@ -1,4 +1,4 @@
-"""taskguard's benchmarks against its peers (issue 6): ``python -m benchmarks [--quick]``.
+"""taskguard's benchmarks against its peers: ``python -m benchmarks [--quick]``.
 
 See docs/benchmarks.md for the cases, the targets and the latest figures.
 """

@@ -73,7 +73,7 @@ class Measurement:
 
 @dataclass
 class Target:
-    """A target of issue 6, checked against a measured figure (a ratio or a latency)."""
+    """A performance target (docs/benchmarks.md), checked against a measured figure."""
 
     case: str
     variant: str

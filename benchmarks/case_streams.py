@@ -146,7 +146,7 @@ def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
     ]
     measurements = [*link(ended, "raw task-group cancel (reference)")]
     measurements += link(closed, "raw task-group cancel (reference)")
-    # The target is for asyncio (issue 6: "asyncio backend unless stated"); trio is context.
+    # The target is for asyncio (targets are, unless stated); trio is context.
     asyncio_streams = ended[1]
     if len(ended) > 2:
         ended[2].note = "no target (context): trio's cancel delivery per scope costs more"

@@ -1,6 +1,6 @@
 """Entry point: ``python -m benchmarks`` (or ``python benchmarks/run.py``).
 
-Runs the cases of issue 6 against their peers, each sample in a fresh event
+Runs the cases of docs/benchmarks.md against their peers, each sample in a fresh event
 loop (memory: a fresh process), prints medians, min/max and the ratio to the
 baseline, checks the targets, and writes everything to
 ``benchmarks/results/latest.json``. Installs nothing: the peers are the
@@ -40,7 +40,16 @@ CASES = {
     "streams": "benchmarks.case_streams",
     "asgi": "benchmarks.case_asgi",
 }
-PACKAGES = ("taskguard", "anyio", "trio", "aiojobs", "pydantic", "uvicorn", "starlette", "httpx")
+PACKAGES = (
+    "anyio-taskguard",  # the distribution of the taskguard package
+    "anyio",
+    "trio",
+    "aiojobs",
+    "pydantic",
+    "uvicorn",
+    "starlette",
+    "httpx",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -98,7 +107,7 @@ def describe(t: Target) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="taskguard vs its peers (issue 6), as ratios to a baseline run alongside",
+        description="taskguard vs its peers, as ratios to a baseline run alongside",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (< 1 min)")
     parser.add_argument(

@@ -1,23 +1,31 @@
 """A FastAPI app whose background work and streams survive a deploy.
 
-Run it:
+Run it (after the README's set-up):
 
-    uvicorn examples.fastapi_app:app            # or: hypercorn --workers 0 examples.fastapi_app:app
+    .venv/bin/pip install fastapi uvicorn
+    .venv/bin/uvicorn examples.fastapi_app:app
+
+and, from a second terminal:
 
     curl -X POST 'localhost:8000/signup?user=ada'    # 202 at once; the row lands 2 s later
     curl -N localhost:8000/server-stream/100         # 100 lines, 100 ms apart
     curl -N localhost:8000/events/100                # the same as server-sent events
-    curl localhost:8000/healthz/ready                # 200 while running, 503 from the drain on
+    curl localhost:8000/healthz/ready                # 200 while running
 
-Press Ctrl-C (or `kill -TERM <pid>`) while a stream runs and right after a
+Press Ctrl-C (or ``kill -TERM <pid>``) while a stream runs and right after a
 signup: the streams end at once (the SSE one with an event carrying the resume
-point), the readiness route turns 503, the pending signup is still written
-(the drain waits for it), then the app's own lifespan shutdown runs and the
-process exits (uvicorn: by the signal, status -15 / 143). Without taskguard the
-stream holds the exit until it ends and the signup row is lost.
+point), the pending signup is still written (the drain waits for it), then the
+app's own lifespan shutdown runs and the process exits (uvicorn: by the signal,
+status -15 / 143). From the exit signal on, ``/healthz/ready`` answers 503
+while other requests are still served, for ``drain_delay`` (0 s here); then
+the server stops accepting connections. A second Ctrl-C cuts what is left, and
+the lifespan shutdown says so. Without taskguard the stream holds the exit
+until it ends and the signup row is lost. hypercorn works the same way
+(``hypercorn --workers 0``, docs/asgi.md).
 
-Settings (environment): EXAMPLE_DB (SQLite file, default ./example.sqlite3),
-EXAMPLE_JOB_SECONDS (2), EXAMPLE_SEND_TIMEOUT (5).
+Settings (environment): EXAMPLE_DB (SQLite file, default
+``taskguard-example.sqlite3`` in the temporary directory), EXAMPLE_JOB_SECONDS
+(2), EXAMPLE_SEND_TIMEOUT (5).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -46,7 +55,9 @@ if not _log.handlers:
     _log.addHandler(_handler)
     _log.setLevel(logging.INFO)
 
-DB = os.environ.get("EXAMPLE_DB", "example.sqlite3")
+DB = os.environ.get("EXAMPLE_DB") or os.path.join(
+    tempfile.gettempdir(), "taskguard-example.sqlite3"
+)
 JOB_SECONDS = float(os.environ.get("EXAMPLE_JOB_SECONDS", "2"))
 
 guard = taskguard.TaskGuard(
@@ -68,9 +79,14 @@ def _db() -> sqlite3.Connection:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     _db().close()
     yield
-    # Runs after taskguard drained the background jobs: they could still use
+    # Runs after taskguard's drain: the background jobs could still use
     # whatever this closes (a DB pool, an HTTP client).
-    print("app lifespan shutdown: background work already drained", flush=True)
+    report = guard.report
+    cut = sum(g.cut for g in report.groups.values()) + report.guarded.cut + len(report.stuck)
+    if cut:
+        print(f"app lifespan shutdown: background work was cut ({cut} unfinished)", flush=True)
+    else:
+        print("app lifespan shutdown: background work already drained", flush=True)
 
 
 api = FastAPI(lifespan=lifespan)

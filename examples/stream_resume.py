@@ -6,7 +6,9 @@ the stream ends at once, the server sends a final ``resume N`` line (the
 resume point: ``result.sent``) and closes. The client reconnects to a new
 server with ``from N`` and receives the rest: every item exactly once.
 
-Run it: ``python examples/stream_resume.py`` (finishes in about 3 s).
+Run it (after the README's set-up; it finishes in about 3 s):
+
+    .venv/bin/python examples/stream_resume.py
 """
 
 from __future__ import annotations

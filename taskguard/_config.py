@@ -140,7 +140,7 @@ class GroupConfig(BaseModel):
     the group's tasks request shutdown.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     on_shutdown: Literal["drain", "cancel"] = "drain"
     timeout: PositiveSeconds | None = None
@@ -166,7 +166,10 @@ class GuardConfig(BaseModel):
     are in seconds.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+    # defer_build: the validators are built on first use, not by `import taskguard`
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", arbitrary_types_allowed=True, defer_build=True
+    )
 
     #: the whole drain, counted from the shutdown trigger (includes drain_delay
     #: and the before_drain hooks)
@@ -265,7 +268,7 @@ class GuardConfig(BaseModel):
         return load_env(prefix, overrides)
 
 
-_DEFAULT_GROUP = GroupConfig()
+_DEFAULT_GROUP = GroupConfig.model_construct()  # the defaults, without building the model
 
 SignalLike = signal.Signals | str | int
 

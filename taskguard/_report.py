@@ -34,7 +34,8 @@ class State(str, enum.Enum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # defer_build: the validators are built on first use, not by `import taskguard`
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -108,7 +109,7 @@ class ShutdownReport(_Model):
     phases: dict[str, float] = Field(default_factory=dict)
     forced: bool = False
     groups: dict[str, GroupReport] = Field(default_factory=dict)
-    guarded: SectionReport = SectionReport()
+    guarded: SectionReport = SectionReport.model_construct()  # no model build at import
     hooks: list[HookReport] = Field(default_factory=list)
     #: streams by outcome ("completed", "interrupted", "disconnected", ...)
     streams: dict[str, int] = Field(default_factory=dict)

@@ -61,7 +61,7 @@ class StreamOutcome(str, enum.Enum):
 class StreamResult(BaseModel):
     """How a stream ended and its resume point: ``sent`` items were delivered."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use, not at import
 
     name: str
     outcome: StreamOutcome

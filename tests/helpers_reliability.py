@@ -123,6 +123,26 @@ class Proc:
 
 
 @contextmanager
+def sigint_inherited_as_default() -> Iterator[None]:
+    """Children started meanwhile get SIGINT's default action (Ctrl-C works in them).
+
+    A CI runner started in the background passes SIGINT ignored, and an ignored
+    signal survives exec while a handler does not: so give this process a handler
+    for the time being. (``preexec_fn`` could reset it in each child, but it runs
+    Python between fork and exec, which is unsafe once grpc's threads exist: a
+    child aborted there with an epoll error.)
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
 def run_script(tmp_path: Path, source: str, *args: str) -> Iterator[Proc]:
     """Start ``source`` (dedented) as a Python script; it is killed in any case at the end."""
     script = tmp_path / f"script_{time.monotonic_ns()}.py"

@@ -22,12 +22,13 @@ import pytest
 
 pytest.importorskip("grpc")
 import grpc.aio
+from rpc_client import submit, watch  # examples/ (on pytest's pythonpath)
+from rpc_server import REPORT_MARKER, JobStore, decode, encode
 
 import taskguard
-from taskguard._example_client import submit, watch
-from taskguard._example_rpc import REPORT_MARKER, JobStore, decode, encode
 
 ROOT = Path(taskguard.__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ class ServerProcess:
     def __init__(self, data_dir: Path, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskguard._example_rpc", "--data-dir", str(data_dir), *args],
+            [sys.executable, str(EXAMPLES / "rpc_server.py"), "--data-dir", str(data_dir), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -19,9 +19,9 @@ import pytest
 pytest.importorskip("grpc")
 import grpc
 import grpc.aio
+from rpc_server import decode, encode  # examples/ (on pytest's pythonpath)
 
 import taskguard
-from taskguard._example_rpc import decode, encode
 from taskguard.grpc import OUTCOME_KEY, RESUME_KEY, GuardInterceptor, serve
 
 pytestmark = pytest.mark.anyio

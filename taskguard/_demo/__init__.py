@@ -1,17 +1,23 @@
 """``taskguard demo``: the example gRPC server through a SIGTERM, with and without taskguard.
 
-It starts the example ``Jobs`` server (``taskguard._example_rpc``) as a real
+It starts the example ``Jobs`` server (``examples/rpc_server.py``) as a real
 subprocess on 127.0.0.1, opens a 100-message ``Watch``, submits jobs, sends the
 server SIGTERM mid-stream, and reports what it measured: how fast the stream
 ended and with which resume point, whether the jobs finished (read back from
 SQLite), what was cancelled, the hooks in order, and how long the server took
 to exit. Then the same steps against the same service run the usual way.
-Exit status 0 when taskguard kept every promise, 1 otherwise.
+Exit status 0 when taskguard kept every promise, 1 otherwise, 2 when the
+``grpc`` extra is not installed (with a one-line hint).
+
+The demo runs the repository's examples, ``rpc_server.py`` and
+``rpc_client.py``, as they are: from a source checkout in ``examples/``; the
+wheel ships the same two files in this package (see ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -20,9 +26,33 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_ROOT = str(Path(__file__).resolve().parent.parent)
+if TYPE_CHECKING:
+    import rpc_client
+
+#: where the ``taskguard`` package is (a checkout, or site-packages)
+_ROOT = Path(__file__).resolve().parents[2]
+#: the distribution name on the package index (the import name is ``taskguard``)
+DIST = "anyio-taskguard"
+HINT = (
+    f"taskguard demo needs the grpc extra: pip install '{DIST}[grpc]' "
+    "(from a clone: .venv/bin/pip install -e '.[grpc]')"
+)
+
+
+def examples_dir() -> Path:
+    """Where ``rpc_server.py`` and ``rpc_client.py`` are: in the wheel, or in the checkout."""
+    here = Path(__file__).resolve().parent
+    return here if (here / "rpc_server.py").exists() else here.parents[1] / "examples"
+
+
+def _examples_importable() -> None:
+    """Put the examples on ``sys.path`` (the client imports the server's module, as scripts do)."""
+    path = str(examples_dir())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
 
 #: the exit wait of the taskguard server, and the grace of the plain one's server.stop()
 EXIT_WAIT = 6.0
@@ -38,7 +68,7 @@ class Run:
     """What one server run looked like from outside."""
 
     mode: str
-    watch: Any = None  # WatchResult
+    watch: rpc_client.WatchResult | None = None
     job_ids: list[str] = field(default_factory=list)
     finished: set[str] = field(default_factory=set)
     stream_end_ms: float | None = None
@@ -66,15 +96,14 @@ class Server:
 
     async def start(self) -> int:
         env = dict(os.environ)
-        if Path(_ROOT).name not in ("site-packages", "dist-packages"):
+        if _ROOT.name not in ("site-packages", "dist-packages"):
             # A source checkout (editable install or none): the child imports the
             # same taskguard as we do, whatever its current directory.
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH")) if p)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "taskguard._example_rpc",
+            str(examples_dir() / "rpc_server.py"),
             *self.args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -129,8 +158,9 @@ async def scenario(mode: str, data_dir: str, with_watch: bool = True) -> Run:
     """Watch(100); submit the jobs at message 10; SIGTERM at message 15; measure."""
     import grpc.aio
 
-    from ._example_client import submit, watch
-    from ._example_rpc import PLAIN_MARKER, REPORT_MARKER, JobStore
+    _examples_importable()
+    import rpc_client as client
+    import rpc_server as server_module
 
     run = Run(mode)
     server = Server(data_dir, plain=mode == "plain")
@@ -147,10 +177,12 @@ async def scenario(mode: str, data_dir: str, with_watch: bool = True) -> Run:
 
             watching = None
             if with_watch:
-                watching = asyncio.ensure_future(watch(channel, COUNT, on_message=on_message))
+                watching = asyncio.ensure_future(
+                    client.watch(channel, COUNT, on_message=on_message)
+                )
                 await asyncio.wait_for(submit_now.wait(), 10)
             for i in range(JOBS):
-                run.job_ids.append(await submit(channel, {"n": i}, JOB_SECONDS))
+                run.job_ids.append(await client.submit(channel, {"n": i}, JOB_SECONDS))
             if watching is not None:
                 await asyncio.wait_for(sigterm_now.wait(), 10)
             signalled = server.terminate()
@@ -159,9 +191,9 @@ async def scenario(mode: str, data_dir: str, with_watch: bool = True) -> Run:
                 run.stream_end_ms = (run.watch.ended_at - signalled) * 1000
         run.exit_code = await server.wait(EXIT_WAIT + 10)
         run.exit_seconds = time.monotonic() - signalled
-        run.finished = JobStore(data_dir).finished_ids() & set(run.job_ids)
-        run.report = server.marked(REPORT_MARKER)
-        run.plain = server.marked(PLAIN_MARKER)
+        run.finished = server_module.JobStore(data_dir).finished_ids() & set(run.job_ids)
+        run.report = server.marked(server_module.REPORT_MARKER)
+        run.plain = server.marked(server_module.PLAIN_MARKER)
         run.events = server.events()
     except Exception as exc:
         tail = "\n      ".join(server.stderr[-15:])
@@ -178,13 +210,14 @@ async def resume(data_dir: str, offset: int) -> tuple[list[int], str]:
     """Restart the server and resume the watch from ``offset`` (10 ms apart, to be quick)."""
     import grpc.aio
 
-    from ._example_client import watch
+    _examples_importable()
+    import rpc_client as client
 
     server = Server(data_dir, plain=False)
     try:
         port = await server.start()
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            result = await watch(channel, COUNT, offset, interval=0.01, timeout=20)
+            result = await client.watch(channel, COUNT, offset, interval=0.01, timeout=20)
         server.terminate()
         await server.wait(EXIT_WAIT + 5)
         return result.seqs, result.code
@@ -291,7 +324,7 @@ def show_plain(held: Run, lost: Run, checks: Checks) -> None:
 async def _demo(quick: bool) -> int:
     started = time.monotonic()
     print(
-        "taskguard demo: the example gRPC Jobs server (taskguard/_example_rpc.py) gets SIGTERM "
+        "taskguard demo: the example gRPC Jobs server (examples/rpc_server.py) gets SIGTERM "
         "mid-stream.\n"
         f"Steps: Watch({COUNT}) at 100 ms/message; {JOBS} jobs of {JOB_SECONDS:g} s submitted at "
         f"message {SUBMIT_AT}; SIGTERM at message {SIGTERM_AT}. Exit wait {EXIT_WAIT:g} s.",
@@ -326,4 +359,7 @@ async def _demo(quick: bool) -> int:
 
 def demo(quick: bool = False) -> int:
     """Run the demo; 0 when taskguard kept its promises. ``quick`` skips the comparison."""
+    if importlib.util.find_spec("grpc") is None:
+        print(HINT, file=sys.stderr)
+        return 2
     return asyncio.run(_demo(quick))
