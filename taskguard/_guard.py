@@ -168,6 +168,24 @@ class TaskGuard(HookRegistry, SectionRegistry):
         """Whether the shutdown was forced (a second exit signal, ``shutdown(force=True)``)."""
         return self._shutdown is not None and self._shutdown.forced
 
+    def end_stream(self, stream: GuardedStream[Any], outcome: str) -> None:
+        """End ``stream`` from outside as ``outcome``: ``"stalled"``, ``"disconnected"``
+        or ``"stopped"`` (for integrations).
+
+        For an integration that sends without ``stream.send()`` inside
+        ``async with stream:`` and watches the consumer itself (the gRPC
+        interceptor checks for a stalled client once per ``send_timeout``, not
+        with a timer per message): the block is cancelled and exits quietly, and
+        the stream is recorded with that outcome, like ``stop()`` and
+        ``disconnected()`` do for theirs.
+        """
+        from ._streams import StreamOutcome
+
+        allowed = ("stalled", "disconnected", "stopped")
+        if outcome not in allowed:
+            raise ValueError(f"end_stream() takes one of {allowed}, not {outcome!r}")
+        stream._end_from_outside(StreamOutcome(outcome))
+
     def stats(self) -> GuardStats:
         """A snapshot for metrics endpoints: running and pending per group, open sections."""
         return GuardStats(
