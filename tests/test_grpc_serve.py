@@ -183,7 +183,9 @@ def test_serve_inside_taskguard_run_returns() -> None:
 
 
 async def test_health_is_serving_then_not_serving_from_the_trigger_through_drain_delay() -> None:
-    guard = taskguard.TaskGuard(exit_wait_timeout=5, drain_delay=1.0)
+    # grpc's grace (the exit wait left at intake stop, ~29 s) would let an open
+    # watch hold server.stop() far longer than the 10 s serve() is given below
+    guard = taskguard.TaskGuard(exit_wait_timeout=30, drain_delay=1.0)
     async with guard:
         server, port = new_server(guard, HELLO)
         serving = asyncio.ensure_future(serve(server, guard, services=[SERVICE]))
@@ -216,7 +218,7 @@ async def test_health_is_serving_then_not_serving_from_the_trigger_through_drain
             # once intake stops the watches end, so they never hold server.stop()
             for call in (watch, watch_unknown):
                 assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.UNAVAILABLE
-            await asyncio.wait_for(serving, 5)
+            await asyncio.wait_for(serving, 10)
         finally:
             await channel.close()
             serving.cancel()
