@@ -9,7 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
 from types import CoroutineType, FunctionType, TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import anyio
 
@@ -151,6 +151,26 @@ class TaskGuard(HookRegistry, SectionRegistry):
         """
         section = Guarded(self, name, False)
         section._attach(self, scope)
+        return section
+
+    def open_task_section(self, name: str) -> Guarded:
+        """Open a guarded section for the calling asyncio task, without a cancel
+        scope: cutting it at the deadline cancels the task itself (``Task.cancel()``).
+        Close it with ``section.close(cancelled)``; ``section.cut`` says whether
+        the guard cut it (the task then got a ``CancelledError`` that is the
+        guard's, not a caller's).
+
+        For asyncio-only integrations that run every request in a task of its
+        own (grpc.aio): an anyio cancel scope costs about 7 µs in a fresh task
+        (its per-task bookkeeping), more than the rest of the section. Raises
+        like ``guarded()`` when the guard refuses new sections.
+        """
+        backend = self._backend
+        if backend is not None and backend.name != "asyncio":
+            raise RuntimeError("open_task_section() is for asyncio; use open_section() on trio")
+        section = Guarded(self, name, False)
+        # The guard only ever calls cancel() on a section's scope.
+        section._attach(self, cast(anyio.CancelScope, _CancelTask(asyncio.current_task())))
         return section
 
     def in_section(self) -> bool:
@@ -561,6 +581,19 @@ def _close_refused(fn: object) -> None:
     # does not warn that it was never awaited.
     if type(fn) is CoroutineType:
         fn.close()
+
+
+class _CancelTask:
+    """A section's stand-in cancel scope (``open_task_section``): cancels its task."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _no_task() -> object:

@@ -143,11 +143,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return sync_unary
 
         async def unary(request: Any, context: Any) -> Any:
-            try:
-                async with guard.guarded(method):
-                    return await behavior(request, context)
-            except (ShuttingDownError, NotStartedError) as exc:
-                await _abort_unavailable(context, method, exc)
+            return await _in_section(guard, method, context, behavior(request, context))
 
         return unary
 
@@ -158,22 +154,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request: Any, context: Any) -> None:
-                try:
-                    async with guard.guarded(method):
-                        await self._pump(behavior(request, context), context, method)
-                except (ShuttingDownError, NotStartedError) as exc:
-                    await _abort_unavailable(context, method, exc)
+                pump = self._pump(behavior(request, context), context, method)
+                await _in_section(guard, method, context, pump)
 
             return streaming
         if inspect.iscoroutinefunction(behavior):
 
             async def writing(request: Any, context: Any) -> None:
                 # It sends with context.write(): we cannot end it, only await it.
-                try:
-                    async with guard.guarded(method):
-                        await behavior(request, context)
-                except (ShuttingDownError, NotStartedError) as exc:
-                    await _abort_unavailable(context, method, exc)
+                await _in_section(guard, method, context, behavior(request, context))
 
             return writing
         return behavior  # a sync generator, iterated by grpc in its thread pool
@@ -253,9 +242,41 @@ def _consume(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _abort_unavailable(context: Any, method: str, exc: BaseException) -> None:
+async def _in_section(guard: TaskGuard, method: str, context: Any, handling: Any) -> Any:
+    """Await ``handling`` (the handler's coroutine) as a guarded section named ``method``.
+
+    A task section, not ``guard.guarded()``: grpc runs every RPC in a fresh task,
+    where an anyio cancel scope would cost more than the rest of the section.
+    Refused (the guard takes no more work) or cut at the deadline, the RPC is
+    answered ``UNAVAILABLE``.
+    """
+    try:
+        section = guard.open_task_section(method)
+    except (ShuttingDownError, NotStartedError) as exc:
+        handling.close()
+        await _abort_unavailable(context, method, str(exc))
+        raise
+    try:
+        result = await handling
+    except asyncio.CancelledError:
+        section.close(True)
+        if not section.cut:
+            raise  # grpc's: the client cancelled or its deadline passed
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+            task.uncancel()  # the cut was ours to take
+        await _abort_unavailable(context, method, "cut at the shutdown deadline")
+        raise
+    except BaseException:
+        section.close(False)
+        raise
+    section.close(False)
+    return result
+
+
+async def _abort_unavailable(context: Any, method: str, why: str) -> None:
     await context.abort(
-        grpc.StatusCode.UNAVAILABLE, f"server shutting down: {method} not completed ({exc})"
+        grpc.StatusCode.UNAVAILABLE, f"server shutting down: {method} not completed ({why})"
     )
 
 

@@ -358,6 +358,42 @@ async def test_in_flight_unary_rpc_is_awaited_and_late_ones_refused() -> None:
     assert closed.clean
 
 
+async def test_unary_rpc_cut_at_the_exit_deadline_gets_unavailable() -> None:
+    finally_ran = asyncio.Event()
+
+    async def stuck(request: Any, context: Any) -> Any:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            finally_ran.set()
+
+    async def cancel_me(request: Any, context: Any) -> Any:
+        await asyncio.sleep(60)
+
+    handlers = {
+        "Stuck": grpc.unary_unary_rpc_method_handler(stuck, decode, encode),
+        "CancelMe": grpc.unary_unary_rpc_method_handler(cancel_me, decode, encode),
+    }
+    guard = taskguard.TaskGuard(exit_wait_timeout=0.5, cancel_grace=2)
+    async with guard, grpc_server(guard, handlers) as (_server, channel):
+        # a client that gives up is a cancellation from outside, not a cut
+        with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+            await unary_method(channel, "CancelMe")(1, timeout=0.3)
+        call = asyncio.ensure_future(unary_method(channel, "Stuck")(1))
+        await asyncio.sleep(0.2)
+        guard.shutdown()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call, 5)
+        await guard.wait_closed()
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "server shutting down: /test.Stream/Stuck not completed" in info.value.details()
+    assert finally_ran.is_set()
+    sections = guard.report.guarded
+    assert (sections.cut, sections.cancelled) == (1, 1)
+    assert not guard.report.clean
+
+
 async def test_sync_unary_handler_in_the_thread_pool_is_awaited() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
