@@ -8,12 +8,14 @@ tests/test_demo.py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("grpc")
@@ -428,7 +430,7 @@ async def test_sync_unary_handler_in_the_thread_pool_is_awaited() -> None:
     assert report.clean
 
 
-def test_interceptor_validates_its_arguments() -> None:
+async def test_interceptor_validates_its_arguments() -> None:
     with pytest.raises(TypeError):
         GuardInterceptor(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="send_timeout"):
@@ -446,3 +448,15 @@ async def test_end_stream_names_the_outcomes_it_takes() -> None:
             raise AssertionError("not reached")
     assert stream.outcome == "stalled"
     assert guard.report.streams == {"stalled": 1}
+
+
+async def test_open_task_section_is_for_asyncio() -> None:
+    pytest.importorskip("trio")
+
+    async def main() -> None:
+        async with taskguard.TaskGuard() as guard:
+            with pytest.raises(RuntimeError, match="asyncio"):
+                guard.open_task_section("x")
+
+    # a thread of its own: this module's event loop runs in this one
+    await anyio.to_thread.run_sync(functools.partial(anyio.run, main, backend="trio"))

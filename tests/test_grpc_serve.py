@@ -8,11 +8,13 @@ real SIGTERM while a client keeps starting RPCs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 pytest.importorskip("grpc_health")
@@ -149,7 +151,7 @@ async def test_cancelling_serve_stops_the_server() -> None:
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_serve_inside_taskguard_run_returns() -> None:
+async def test_serve_inside_taskguard_run_returns() -> None:
     """Inside run()'s main (a guarded section) serve() must not wait for closed."""
     result: dict[str, Any] = {}
 
@@ -173,7 +175,10 @@ def test_serve_inside_taskguard_run_returns() -> None:
         await serve(server, guard, services=["test.Hello"])
         await task
 
-    report = taskguard.run(main, handle_signals=False, exit_wait_timeout=5)
+    # a thread of its own: run() makes its own event loop, and this module's runs here
+    report = await anyio.to_thread.run_sync(
+        functools.partial(taskguard.run, main, handle_signals=False, exit_wait_timeout=5)
+    )
     assert result["reply"] == {"hello": "x"}
     assert report.clean
     assert [h.name for h in report.hooks] == ["grpc: stop intake"]
@@ -246,7 +251,7 @@ async def test_serve_with_health_off_registers_none() -> None:
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-def test_health_servicer_validates_its_arguments() -> None:
+async def test_health_servicer_validates_its_arguments() -> None:
     guard = taskguard.TaskGuard()
     with pytest.raises(TypeError, match="TaskGuard"):
         GuardHealthServicer(object())  # type: ignore[arg-type]
