@@ -10,7 +10,8 @@ the order flipped every round, so load that comes and goes on the machine hits
 both alike. Besides the throughput the client sees, each server process's own
 CPU time per message or RPC is read from ``/proc`` (Linux), which does not
 depend on the client keeping up. Targets (issue 12): streams ≥ 0.9x and unary
-≥ 0.95x plain grpc.aio.
+≥ 0.95x plain grpc.aio. For context, no target: the CPU the interceptor adds to
+a unary handler in process (``in_process``), free of the machine's noise.
 
     python -m benchmarks --cases grpc --repeats 7
     python -m benchmarks.case_grpc serve guarded      # one server, prints PORT n
@@ -202,6 +203,50 @@ def sample(
     }
 
 
+class _CallDetails:
+    method = f"/{SERVICE}/Echo"
+    invocation_metadata = ()
+
+
+def in_process(rounds: int, batch: int = 500) -> dict[str, list[float]]:
+    """CPU µs per unary RPC handler in a fresh task (as grpc runs each RPC): the
+    servicer alone vs through ``GuardInterceptor`` (``intercept_service`` and the
+    wrapped handler); alternating batches, thread CPU time. No network, no grpc
+    core: what the interceptor itself adds, without the machine's noise."""
+    import grpc
+
+    import taskguard
+    from taskguard.grpc import GuardInterceptor
+
+    async def main() -> dict[str, list[float]]:
+        loop = asyncio.get_running_loop()
+        async with taskguard.TaskGuard() as guard:
+            interceptor = GuardInterceptor(guard)
+            handler = grpc.unary_unary_rpc_method_handler(echo)
+            details = _CallDetails()
+
+            async def continuation(_: Any) -> Any:
+                return handler
+
+            async def plain() -> bytes:
+                return await echo(PAYLOAD, None)
+
+            async def guarded() -> bytes:
+                wrapped = await interceptor.intercept_service(continuation, details)
+                return await wrapped.unary_unary(PAYLOAD, None)  # type: ignore[no-any-return]
+
+            times: dict[str, list[float]] = {"plain": [], "guarded": []}
+            for _ in range(rounds):
+                for kind, rpc in (("plain", plain), ("guarded", guarded)):
+                    t0 = time.thread_time()
+                    for _ in range(batch):
+                        await loop.create_task(rpc())
+                    times[kind].append((time.thread_time() - t0) / batch * 1e6)
+            return times
+
+    return asyncio.run(main())
+
+
 def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
     try:
         import grpc_health.v1  # noqa: F401
@@ -256,6 +301,14 @@ def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
             targets.append(
                 Target(CASE, variant, f"guarded {what}/s / plain {what}/s", ratio, ">=", target)
             )
+    times = in_process(20 if settings.quick else 60)
+    variant = "unary handler in a fresh task, in process (CPU per RPC)"
+    added = [
+        Measurement(CASE + "-inprocess", variant, IMPLS[k], "µs/RPC", v) for k, v in times.items()
+    ]
+    link(added, IMPLS["plain"])
+    added[1].note = f"the interceptor adds {added[1].median - added[0].median:.1f} µs per RPC"
+    measurements += added
     return measurements, targets
 
 
