@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import grpc
 import grpc.aio
+
+from ._report import State
 
 if TYPE_CHECKING:
     from ._guard import TaskGuard
@@ -29,16 +32,16 @@ class StreamCall:
     """One streaming RPC's pump: the handler's messages written with ``context.write()``.
 
     The per-message path is a plain loop: one cancel scope for the whole stream
-    (``async with stream``), which shutdown, ``max_duration`` and a client
-    disconnect cancel, instead of a scope per message (which cost grpc.aio
-    over a third of its throughput: see docs/grpc.md). A stalled client is
-    caught by a watchdog that looks once per ``send_timeout`` at the write in
-    progress, not by a timer per message.
+    (``async with stream``), which shutdown, ``max_duration`` and a stall end,
+    instead of a scope per message (which cost grpc.aio over a third of its
+    throughput: see docs/grpc.md). A stalled client is caught by a watchdog that
+    looks once per ``send_timeout`` at the write in progress, not by a timer
+    per message. It runs in grpc's handler task: no task of its own per RPC.
     """
 
     __slots__ = (
-        "aborted", "armed_for", "context", "guard", "loop", "send_timeout", "sent", "since",
-        "source", "stream", "watchdog",
+        "aborted", "armed_for", "context", "expires", "guard", "loop", "send_timeout", "sent",
+        "since", "source", "stream", "watchdog",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +51,7 @@ class StreamCall:
         source: Any,
         context: Any,
         send_timeout: float | None,
+        max_duration: float | None,
     ) -> None:
         self.guard = guard
         self.stream = stream
@@ -62,6 +66,8 @@ class StreamCall:
         self.since: float | None = None  # when the write in progress began
         self.armed_for: float | None = None  # the write the watchdog is timing
         self.watchdog: asyncio.TimerHandle | None = None
+        # when max_duration ends the stream (at or before the stream's own deadline)
+        self.expires = math.inf if max_duration is None else self.loop.time() + max_duration
 
     async def run(self) -> None:
         stream, write = self.stream, self.context.write
@@ -92,6 +98,17 @@ class StreamCall:
                     # context.abort() in the handler is ordinary gRPC control flow,
                     # not a failure of the stream: carry it past the stream.
                     self.aborted = exc
+                except asyncio.CancelledError:
+                    # The stream's own ending (shutdown, stall: it has a reason, and
+                    # this is a no-op; max_duration: its deadline) or grpc's: the
+                    # client cancelled or went away. Say so before the stream records
+                    # how it ended; grpc's cancellation goes on up.
+                    if self.loop.time() < self.expires:
+                        if self.guard.state in (State.RUNNING, State.DRAINING):
+                            stream.disconnected()
+                        else:  # the guard cut the RPC at its deadline
+                            stream.stop()
+                    raise
                 # The source is exhausted (or aborted): asking the stream for the next
                 # message records it as completed and closes the source.
                 await anext(stream, None)

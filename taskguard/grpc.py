@@ -32,7 +32,7 @@ import grpc
 import grpc.aio
 
 from ._exceptions import NotStartedError, ShuttingDownError
-from ._grpc_health import HEALTH_SERVICE, GuardHealthServicer, health_pb2_grpc
+from ._grpc_health import HEALTH_SERVICE, GuardHealthServicer
 from ._grpc_stream import StreamCall
 from ._guard import TaskGuard
 from ._report import State
@@ -174,26 +174,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if remaining is not None and (max_duration is None or remaining < max_duration):
             max_duration, deadline_bound = max(remaining, 1e-3), True
         stream = guard.stream(source, name=method, max_duration=max_duration)
-        call = StreamCall(guard, stream, source, context, self.send_timeout)
-        # The pump runs in its own task so that a client cancel (grpc cancels the
-        # handler's task) reaches us before it reaches the stream: we then end
-        # the stream as disconnected, and wait for its source to be closed.
-        task = asyncio.get_running_loop().create_task(call.run())
+        call = StreamCall(guard, stream, source, context, self.send_timeout, max_duration)
         try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_consume)
-            if not task.done():
-                if guard.state in (State.RUNNING, State.DRAINING):
-                    stream.disconnected()
-                else:
-                    stream.stop()
-                try:
-                    await asyncio.wait({task})
-                except asyncio.CancelledError:
-                    task.cancel()
-                    raise
-            raise
+            await call.run()
         except Exception:
             logger.error("stream %r failed after %d messages", method, call.sent, exc_info=True)
             raise  # grpc answers it (UNKNOWN, or the code the handler set)
@@ -234,12 +217,6 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             f"{method} stream reached its maximum duration of {max_duration:g}s after {sent} "
             f"messages; reconnect and {resume}"
         )
-
-
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a result nobody awaits (we are re-raising our own cancellation)."""
-    if not task.cancelled():
-        task.exception()
 
 
 async def _in_section(guard: TaskGuard, method: str, context: Any, handling: Any) -> Any:
@@ -351,7 +328,7 @@ async def serve(
             )
         raise ShuttingDownError(f"serve() refused: the guard is {guard.state.value}")
     if health:
-        health_pb2_grpc.add_HealthServicer_to_server(GuardHealthServicer(guard, services), server)
+        GuardHealthServicer(guard, services).add_to_server(server)
     elif services:
         raise ValueError("services name entries of the health service: they need health=True")
     stopping: list[asyncio.Future[None]] = []
