@@ -168,10 +168,14 @@ async def test_bidi_stream_is_interrupted_too() -> None:
     assert dict(info.value.trailing_metadata())[RESUME_KEY] == "3"
 
 
-async def test_client_cancel_stops_the_producer() -> None:
+@pytest.mark.parametrize("options", [{}, {"max_duration": 30, "send_timeout": 30}])
+async def test_client_cancel_stops_the_producer(options: dict[str, float]) -> None:
     producer = Producer(interval=0.02)
     guard = taskguard.TaskGuard()
-    async with guard, grpc_server(guard, {"Count": producer.handler()}) as (_server, channel):
+    async with (
+        guard,
+        grpc_server(guard, {"Count": producer.handler()}, **options) as (_server, channel),
+    ):
         call = stream_method(channel)({"count": 1000})
         await read_some(call, 3)
         call.cancel()
