@@ -12,7 +12,8 @@ them alike. Besides the throughput the client sees, each server process's own
 CPU time per message or RPC is read from ``/proc`` (Linux), which does not
 depend on the client keeping up. Targets (issue 12): streams ≥ 0.9x and unary
 ≥ 0.95x plain grpc.aio. For context, no target: the CPU the interceptor adds to
-a unary handler in process (``in_process``), free of the machine's noise.
+a handler in process (``in_process``: unary, and streams of 1 and 50
+messages), free of the machine's noise.
 
     python -m benchmarks --cases grpc --repeats 7
     python -m benchmarks.case_grpc serve guarded      # one server, prints PORT n
@@ -209,44 +210,70 @@ def sample(
 
 
 class _CallDetails:
-    method = f"/{SERVICE}/Echo"
-    invocation_metadata = ()
+    def __init__(self, method: str) -> None:
+        self.method = f"/{SERVICE}/{method}"
+        self.invocation_metadata = ()
 
 
-def in_process(rounds: int, batch: int = 500) -> dict[str, list[float]]:
-    """CPU µs per unary RPC handler in a fresh task (as grpc runs each RPC): the
-    servicer alone vs through ``GuardInterceptor`` (``intercept_service`` and the
-    wrapped handler); alternating batches, thread CPU time. No network, no grpc
-    core: what the interceptor itself adds, without the machine's noise."""
+class _Context:
+    """Stands in for grpc's servicer context in process: a write takes a turn of
+    the event loop, as grpc's does (it awaits the completion of its batch)."""
+
+    async def write(self, message: bytes) -> None:
+        await asyncio.sleep(0)
+
+    def time_remaining(self) -> None:
+        return None
+
+
+def in_process(rounds: int, batch: int = 200) -> dict[str, dict[str, list[float]]]:
+    """CPU µs per RPC handler in a fresh task (as grpc runs each RPC): the servicer
+    alone vs through ``GuardInterceptor`` (``intercept_service`` and the wrapped
+    handler), alternating batches, thread CPU time. No network, no grpc core:
+    what the interceptor itself adds, without the machine's noise. Streams are
+    timed at 1 and at 50 messages: the difference is the per-message cost."""
     import grpc
 
     import taskguard
     from taskguard.grpc import GuardInterceptor
 
-    async def main() -> dict[str, list[float]]:
+    async def main() -> dict[str, dict[str, list[float]]]:
         loop = asyncio.get_running_loop()
         async with taskguard.TaskGuard() as guard:
             interceptor = GuardInterceptor(guard)
-            handler = grpc.unary_unary_rpc_method_handler(echo)
-            details = _CallDetails()
+            methods = {
+                "Echo": grpc.unary_unary_rpc_method_handler(echo),
+                "Count": grpc.unary_stream_rpc_method_handler(count),
+            }
 
-            async def continuation(_: Any) -> Any:
-                return handler
+            async def continuation(details: _CallDetails) -> Any:
+                return methods[details.method.rsplit("/", 1)[1]]
 
-            async def plain() -> bytes:
-                return await echo(PAYLOAD, None)
+            async def guarded(method: str, request: bytes) -> None:
+                wrapped = await interceptor.intercept_service(continuation, _CallDetails(method))
+                if method == "Echo":
+                    await wrapped.unary_unary(request, _Context())
+                else:
+                    await wrapped.unary_stream(request, _Context())
 
-            async def guarded() -> bytes:
-                wrapped = await interceptor.intercept_service(continuation, details)
-                return await wrapped.unary_unary(PAYLOAD, None)  # type: ignore[no-any-return]
+            async def plain(method: str, request: bytes) -> None:
+                if method == "Echo":
+                    await echo(request, _Context())
+                    return
+                context = _Context()
+                async for message in count(request, context):  # what grpc does with it
+                    await context.write(message)
 
-            times: dict[str, list[float]] = {"plain": [], "guarded": []}
+            shapes = {"unary": ("Echo", PAYLOAD), "stream x1": ("Count", b"1")}
+            shapes["stream x50"] = ("Count", b"50")
+            times = {shape: {"plain": [], "guarded": []} for shape in shapes}
             for _ in range(rounds):
-                for kind, rpc in (("plain", plain), ("guarded", guarded)):
-                    t0 = time.thread_time()
-                    for _ in range(batch):
-                        await loop.create_task(rpc())
-                    times[kind].append((time.thread_time() - t0) / batch * 1e6)
+                for shape, args in shapes.items():
+                    for kind, rpc in (("plain", plain), ("guarded", guarded)):
+                        t0 = time.thread_time()
+                        for _ in range(batch):
+                            await loop.create_task(rpc(*args))
+                        times[shape][kind].append((time.thread_time() - t0) / batch * 1e6)
             return times
 
     return asyncio.run(main())
@@ -308,14 +335,15 @@ def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
             targets.append(
                 Target(CASE, variant, f"guarded {what}/s / plain {what}/s", ratio, ">=", target)
             )
-    times = in_process(20 if settings.quick else 60)
-    variant = "unary handler in a fresh task, in process (CPU per RPC)"
-    added = [
-        Measurement(CASE + "-inprocess", variant, IMPLS[k], "µs/RPC", v) for k, v in times.items()
-    ]
-    link(added, IMPLS["plain"])
-    added[-1].note = f"the interceptor adds {added[1].median - added[0].median:.1f} µs per RPC"
-    measurements += added
+    for shape, times in in_process(10 if settings.quick else 30).items():
+        variant = f"{shape} handler in a fresh task, in process (CPU per RPC)"
+        added = [
+            Measurement(CASE + "-inprocess", variant, IMPLS[k], "µs/RPC", v)
+            for k, v in times.items()
+        ]
+        link(added, IMPLS["plain"])
+        added[-1].note = f"the interceptor adds {added[1].median - added[0].median:.1f} µs per RPC"
+        measurements += added
     return measurements, targets
 
 
