@@ -1,8 +1,9 @@
-"""taskguard.grpc: GuardInterceptor and serve(), on real grpc.aio servers and clients.
+"""taskguard.grpc: GuardInterceptor's streams, on real grpc.aio servers and clients.
 
 These run a grpc.aio server and a real channel on 127.0.0.1 in-process (grpc.aio
-is asyncio-only). The example server as a subprocess, with real signals, is in
-tests/test_demo.py.
+is asyncio-only). Unary RPCs: tests/test_grpc_unary.py; serve(), the health
+service and a real server process under SIGTERM: tests/test_grpc_serve.py; the
+example server with real signals: tests/test_demo.py.
 """
 
 from __future__ import annotations
