@@ -39,6 +39,7 @@ CASES = {
     "memory": "benchmarks.case_memory",
     "streams": "benchmarks.case_streams",
     "asgi": "benchmarks.case_asgi",
+    "grpc": "benchmarks.case_grpc",
 }
 PACKAGES = (
     "anyio-taskguard",  # the distribution of the taskguard package

@@ -225,6 +225,14 @@ class GuardedStream(Generic[T]):
         """Tell the stream its consumer went away: it ends as ``disconnected``."""
         self._end_from_outside(StreamOutcome.DISCONNECTED)
 
+    def stalled(self) -> None:
+        """Tell the stream its consumer stopped reading: it ends as ``stalled``.
+
+        For integrations that send outside :meth:`send` and watch for a stalled
+        consumer themselves (the gRPC interceptor checks once per
+        ``send_timeout``, not with a timer per message)."""
+        self._end_from_outside(StreamOutcome.STALLED)
+
     def _interrupt(self) -> None:
         self._end_from_outside(StreamOutcome.INTERRUPTED)
 

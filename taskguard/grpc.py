@@ -7,13 +7,15 @@ the number of messages sent in the trailing metadata key ``taskguard-sent``
 (a resume point); they stop producing when the client cancels or its deadline
 passes, and (with ``send_timeout``) when the client stops reading.
 
-``await serve(server, guard)`` starts the server and, at shutdown, stops intake
-first (a ``before_drain`` hook that *starts* ``server.stop(grace)``), lets the
-drain end the streams and await the in-flight RPCs and their background work,
-and returns once the guard is closed.
+``await serve(server, guard)`` registers the standard health service
+(``grpc.health.v1``: ``NOT_SERVING`` from the shutdown trigger on), starts the
+server, keeps serving through ``drain_delay``, then stops intake (a
+``before_drain`` hook that *starts* ``server.stop(grace)``), lets the drain end
+the streams and await the in-flight RPCs and their background work, and
+returns once the guard is closed.
 
 grpc.aio runs on asyncio only: use the asyncio backend (the default of
-``taskguard.run``). Install with ``pip install 'taskguard[grpc]'``.
+``taskguard.run``). Install with ``pip install 'anyio-taskguard[grpc]'``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,7 @@ import asyncio
 import inspect
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -31,11 +32,13 @@ import grpc
 import grpc.aio
 
 from ._exceptions import NotStartedError, ShuttingDownError
+from ._grpc_health import HEALTH_SERVICE, GuardHealthServicer
+from ._grpc_stream import StreamCall
 from ._guard import TaskGuard
 from ._report import State
-from ._streams import StreamResult
+from ._streams import StreamOutcome
 
-__all__ = ["OUTCOME_KEY", "RESUME_KEY", "GuardInterceptor", "serve"]
+__all__ = ["OUTCOME_KEY", "RESUME_KEY", "GuardHealthServicer", "GuardInterceptor", "serve"]
 
 logger = logging.getLogger("taskguard")
 
@@ -44,15 +47,7 @@ RESUME_KEY = "taskguard-sent"
 #: trailing-metadata key: how the stream ended (interrupted, stalled, expired)
 OUTCOME_KEY = "taskguard-outcome"
 
-# Errors of context.write() that mean the RPC is over on the client's side.
-_WRITE_GONE: tuple[type[BaseException], ...] = (grpc.aio.UsageError,)
-try:  # internal to grpc; raised when a send batch fails on a dead call
-    from grpc._cython.cygrpc import ExecuteBatchError
-
-    _WRITE_GONE += (ExecuteBatchError,)
-except ImportError:  # pragma: no cover
-    pass
-
+_HEALTH_PREFIX = f"/{HEALTH_SERVICE}/"
 _UNARY_KINDS = ("unary_unary", "stream_unary")
 _STREAM_KINDS = ("unary_stream", "stream_stream")
 
@@ -95,6 +90,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.guard = guard
         self.send_timeout = send_timeout
         self.max_duration = max_duration
+        # method -> (grpc's handler, ours): grpc asks the interceptor on every RPC,
+        # and building the wrappers each time was a tenth of a unary RPC's cost.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -104,10 +102,23 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return self.wrap_handler(handler, handler_call_details.method)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def wrap_handler(self, handler: Any, method: str) -> Any:
-        """Return ``handler`` (an ``RpcMethodHandler``) with its behaviour guarded."""
+        """Return ``handler`` (an ``RpcMethodHandler``) with its behaviour guarded.
+
+        The health service (``grpc.health.v1.Health``) is passed through: its
+        RPCs are not work that shutdown waits for, and a health watch must not
+        hold the drain.
+        """
+        if method.startswith(_HEALTH_PREFIX):
+            return handler
         for kind in _UNARY_KINDS + _STREAM_KINDS:
             behavior = getattr(handler, kind, None)
             if behavior is None:
@@ -132,11 +143,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return sync_unary
 
         async def unary(request: Any, context: Any) -> Any:
-            try:
-                async with guard.guarded(method):
-                    return await behavior(request, context)
-            except (ShuttingDownError, NotStartedError) as exc:
-                await _abort_unavailable(context, method, exc)
+            return await _in_section(guard, method, context, behavior(request, context))
 
         return unary
 
@@ -147,97 +154,41 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(request: Any, context: Any) -> None:
-                try:
-                    async with guard.guarded(method):
-                        await self._pump(behavior(request, context), context, method)
-                except (ShuttingDownError, NotStartedError) as exc:
-                    await _abort_unavailable(context, method, exc)
+                pump = self._pump(behavior(request, context), context, method)
+                await _in_section(guard, method, context, pump)
 
             return streaming
         if inspect.iscoroutinefunction(behavior):
 
             async def writing(request: Any, context: Any) -> None:
                 # It sends with context.write(): we cannot end it, only await it.
-                try:
-                    async with guard.guarded(method):
-                        await behavior(request, context)
-                except (ShuttingDownError, NotStartedError) as exc:
-                    await _abort_unavailable(context, method, exc)
+                await _in_section(guard, method, context, behavior(request, context))
 
             return writing
         return behavior  # a sync generator, iterated by grpc in its thread pool
 
     async def _pump(self, source: Any, context: Any, method: str) -> None:
         guard = self.guard
-        aborted: list[BaseException] = []
-        failed: list[BaseException] = []
-
-        async def items() -> AsyncIterator[Any]:
-            # context.abort() inside the handler is ordinary gRPC control flow,
-            # not a failure of the stream: carry it past the stream, re-raise it.
-            async with aclosing(source):
-                try:
-                    async for item in source:
-                        yield item
-                except grpc.aio.AbortError as exc:
-                    aborted.append(exc)
-                except Exception as exc:
-                    failed.append(exc)  # the stream logs it; we re-raise it to grpc
-                    raise
-
         max_duration, deadline_bound = self.max_duration, False
         remaining = context.time_remaining()
         if remaining is not None and (max_duration is None or remaining < max_duration):
             max_duration, deadline_bound = max(remaining, 1e-3), True
-        stream = guard.stream(
-            items(), name=method, send_timeout=self.send_timeout, max_duration=max_duration
-        )
-
-        written = 0  # messages handed to grpc: the resume point
-
-        async def send(message: Any) -> None:
-            nonlocal written
-            try:
-                await context.write(message)
-            except asyncio.CancelledError:
-                # Cut mid-write (shutdown, stall, client gone). The write can only
-                # be cancelled at a suspension, after it handed its batch to grpc
-                # core: the message is queued ahead of any status we send next,
-                # and HTTP/2 delivers it before the trailers. So it counts.
-                written += 1
-                raise
-            except _WRITE_GONE as exc:
-                raise anyio.BrokenResourceError(f"the RPC is over: {exc}") from exc
-            written += 1
-
-        # The pump runs in its own task so that a client cancel (grpc cancels the
-        # handler's task) reaches us before it reaches the stream: we then end
-        # the stream as disconnected, and wait for its source to be closed.
-        task = asyncio.ensure_future(stream.pump(send))
+        stream = guard.stream(source, name=method, max_duration=max_duration)
+        call = StreamCall(guard, stream, source, context, self.send_timeout, max_duration)
         try:
-            result: StreamResult = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_consume)
-            if not task.done():
-                if guard.state in (State.RUNNING, State.DRAINING):
-                    stream.disconnected()
-                else:
-                    stream.stop()
-                try:
-                    await asyncio.wait({task})
-                except asyncio.CancelledError:
-                    task.cancel()
-                    raise
-            raise
-        if aborted:
-            raise aborted[0]
-        outcome = result.outcome
-        if outcome == "failed":
-            raise failed[0] if failed else RuntimeError(result.error)
-        if outcome in ("completed", "stopped", "disconnected"):
+            await call.run()
+        except Exception:
+            logger.error("stream %r failed after %d messages", method, call.sent, exc_info=True)
+            raise  # grpc answers it (UNKNOWN, or the code the handler set)
+        if call.aborted is not None:
+            raise call.aborted
+        outcome = stream.outcome
+        if outcome in (StreamOutcome.COMPLETED, StreamOutcome.STOPPED, StreamOutcome.DISCONNECTED):
             return
-        code, details = self._describe(method, outcome, written, deadline_bound, max_duration)
-        metadata = _merge_trailing(context, ((RESUME_KEY, str(written)), (OUTCOME_KEY, outcome)))
+        sent = call.sent
+        assert outcome is not None
+        code, details = self._describe(method, outcome, sent, deadline_bound, max_duration)
+        metadata = _merge_trailing(context, ((RESUME_KEY, str(sent)), (OUTCOME_KEY, outcome)))
         await context.abort(code, details, trailing_metadata=metadata)
 
     def _describe(
@@ -268,15 +219,41 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    """Retrieve a result nobody awaits (we are re-raising our own cancellation)."""
-    if not task.cancelled():
-        task.exception()
+async def _in_section(guard: TaskGuard, method: str, context: Any, handling: Any) -> Any:
+    """Await ``handling`` (the handler's coroutine) as a guarded section named ``method``.
+
+    A task section, not ``guard.guarded()``: grpc runs every RPC in a fresh task,
+    where an anyio cancel scope would cost more than the rest of the section.
+    Refused (the guard takes no more work) or cut at the deadline, the RPC is
+    answered ``UNAVAILABLE``.
+    """
+    try:
+        section = guard.open_task_section(method)
+    except (ShuttingDownError, NotStartedError) as exc:
+        handling.close()
+        await _abort_unavailable(context, method, str(exc))
+        raise
+    try:
+        result = await handling
+    except asyncio.CancelledError:
+        section.close(True)
+        if not section.cut:
+            raise  # grpc's: the client cancelled or its deadline passed
+        task = asyncio.current_task()
+        if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+            task.uncancel()  # the cut was ours to take
+        await _abort_unavailable(context, method, "cut at the shutdown deadline")
+        raise
+    except BaseException:
+        section.close(False)
+        raise
+    section.close(False)
+    return result
 
 
-async def _abort_unavailable(context: Any, method: str, exc: BaseException) -> None:
+async def _abort_unavailable(context: Any, method: str, why: str) -> None:
     await context.abort(
-        grpc.StatusCode.UNAVAILABLE, f"server shutting down: {method} not completed ({exc})"
+        grpc.StatusCode.UNAVAILABLE, f"server shutting down: {method} not completed ({why})"
     )
 
 
@@ -300,16 +277,34 @@ def _replace(handler: Any, kind: str, behavior: Callable[..., Any]) -> Any:
     )
 
 
-async def serve(server: grpc.aio.Server, guard: TaskGuard, grace: float | None = None) -> None:
+async def serve(
+    server: grpc.aio.Server,
+    guard: TaskGuard,
+    grace: float | None = None,
+    *,
+    health: bool = True,
+    services: Iterable[str] = (),
+) -> None:
     """Start ``server`` and run it until ``guard`` shuts down; return once the guard is closed.
 
-    At shutdown a ``before_drain`` hook *starts* ``server.stop(grace)`` (no new
-    RPCs are accepted) without waiting on in-flight RPCs: waiting is the drain's
-    job, and waiting in the hook would hold the streams open. The drain then
-    ends the streams (``GuardInterceptor``) and awaits the in-flight RPCs and
-    the background work they spawned. ``grace=None`` means the guard's
-    remaining exit wait when intake stops; a grace longer than the guard's
-    ``exit_wait_timeout`` is an error (RPCs would outlive the guard's promise).
+    With ``health=True`` (the default) it first registers the standard
+    ``grpc.health.v1.Health`` service (:class:`GuardHealthServicer`) for the
+    overall server ``""`` and the app's ``services`` (full names such as
+    ``"pkg.Jobs"``): ``SERVING`` while the guard runs, ``NOT_SERVING`` from
+    the shutdown trigger on. Pass ``health=False`` when the app registers a
+    health service of its own. grpc takes handlers only before
+    ``server.start()``: let ``serve()`` start the server.
+
+    From the trigger until ``drain_delay`` has passed the server keeps
+    accepting and serving RPCs (health already says ``NOT_SERVING``, so load
+    balancers and clients move away). Then a ``before_drain`` hook *starts*
+    ``server.stop(grace)`` (no new RPCs are accepted) without waiting on
+    in-flight RPCs: waiting is the drain's job, and waiting in the hook would
+    hold the streams open. The drain then ends the streams
+    (``GuardInterceptor``) and awaits the in-flight RPCs and the background
+    work they spawned. ``grace=None`` means the guard's remaining exit wait
+    when intake stops; a grace longer than the guard's ``exit_wait_timeout``
+    is an error (RPCs would outlive the guard's promise).
 
     Inside ``taskguard.run``'s ``main`` (itself a guarded section that the
     drain waits for) it returns once the server has stopped, and ``run``
@@ -332,6 +327,10 @@ async def serve(server: grpc.aio.Server, guard: TaskGuard, grace: float | None =
                 "serve() needs a running guard: enter it with `async with guard:`"
             )
         raise ShuttingDownError(f"serve() refused: the guard is {guard.state.value}")
+    if health:
+        GuardHealthServicer(guard, services).add_to_server(server)
+    elif services:
+        raise ValueError("services name entries of the health service: they need health=True")
     stopping: list[asyncio.Future[None]] = []
     intake_stopped = asyncio.Event()
 

@@ -1,8 +1,9 @@
-"""taskguard.grpc: GuardInterceptor and serve(), on real grpc.aio servers and clients.
+"""taskguard.grpc: GuardInterceptor's streams, on real grpc.aio servers and clients.
 
 These run a grpc.aio server and a real channel on 127.0.0.1 in-process (grpc.aio
-is asyncio-only). The example server as a subprocess, with real signals, is in
-tests/test_demo.py.
+is asyncio-only). Unary RPCs: tests/test_grpc_unary.py; serve(), the health
+service and a real server process under SIGTERM: tests/test_grpc_serve.py; the
+example server with real signals: tests/test_demo.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import grpc.aio
 from rpc_server import decode, encode  # examples/ (on pytest's pythonpath)
 
 import taskguard
-from taskguard.grpc import OUTCOME_KEY, RESUME_KEY, GuardInterceptor, serve
+from taskguard.grpc import OUTCOME_KEY, RESUME_KEY, GuardInterceptor
 
 pytestmark = pytest.mark.anyio
 SERVICE = "test.Stream"
@@ -166,10 +167,14 @@ async def test_bidi_stream_is_interrupted_too() -> None:
     assert dict(info.value.trailing_metadata())[RESUME_KEY] == "3"
 
 
-async def test_client_cancel_stops_the_producer() -> None:
+@pytest.mark.parametrize("options", [{}, {"max_duration": 30, "send_timeout": 30}])
+async def test_client_cancel_stops_the_producer(options: dict[str, float]) -> None:
     producer = Producer(interval=0.02)
     guard = taskguard.TaskGuard()
-    async with guard, grpc_server(guard, {"Count": producer.handler()}) as (_server, channel):
+    async with (
+        guard,
+        grpc_server(guard, {"Count": producer.handler()}, **options) as (_server, channel),
+    ):
         call = stream_method(channel)({"count": 1000})
         await read_some(call, 3)
         call.cancel()
@@ -210,6 +215,72 @@ async def test_stalled_client_is_cut_after_send_timeout() -> None:
         assert producer.produced < 1000
         call.cancel()
     assert guard.report.streams == {"stalled": 1}
+
+
+async def test_slow_producer_is_not_a_stalled_client() -> None:
+    """send_timeout times the writes only: a source slower than it is not a stall."""
+    producer = Producer(interval=0.3)
+    guard = taskguard.TaskGuard()
+    async with (
+        guard,
+        grpc_server(guard, {"Count": producer.handler()}, send_timeout=0.1) as (_server, channel),
+    ):
+        call = stream_method(channel)({"count": 4})
+        assert await read_all(call) == [0, 1, 2, 3]
+        assert await call.code() == grpc.StatusCode.OK
+    assert guard.report.streams == {"completed": 1}
+
+
+async def test_max_duration_ends_the_stream_with_a_resume_point() -> None:
+    producer = Producer(interval=0.02)
+    guard = taskguard.TaskGuard()
+    async with (
+        guard,
+        grpc_server(guard, {"Count": producer.handler()}, max_duration=0.3) as (_, channel),
+    ):
+        seqs: list[int] = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await read_all(stream_method(channel)({"count": 10_000}), seqs)
+        await asyncio.wait_for(producer.closed.wait(), 2)
+    err = info.value
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert "maximum duration of 0.3s" in err.details()
+    trailing = dict(err.trailing_metadata())
+    assert trailing[OUTCOME_KEY] == "expired"
+    assert int(trailing[RESUME_KEY]) == len(seqs) > 0
+    assert seqs == list(range(len(seqs)))
+    assert producer.finally_runs == 1
+    assert guard.report.streams == {"expired": 1}
+
+
+async def test_a_handler_built_per_call_is_used_per_call() -> None:
+    """The interceptor keeps its wrapper per method only while grpc hands it the same handler."""
+
+    class PerCall(grpc.GenericRpcHandler):  # type: ignore[misc]
+        calls = 0
+
+        def service(self, details: Any) -> Any:
+            PerCall.calls += 1
+            n = PerCall.calls
+
+            async def answer(request: Any, context: Any) -> Any:
+                return {"call": n}
+
+            return grpc.unary_unary_rpc_method_handler(answer, decode, encode)
+
+    guard = taskguard.TaskGuard()
+    async with guard:
+        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
+        server.add_generic_rpc_handlers([PerCall()])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                replies = [await unary_method(channel, "Any")(None) for _ in range(3)]
+        finally:
+            await server.stop(0)
+    assert replies == [{"call": 1}, {"call": 2}, {"call": 3}]
+    assert guard.report.guarded.completed == 3
 
 
 async def test_abort_and_errors_inside_a_stream_pass_through(
@@ -263,185 +334,10 @@ async def test_write_based_stream_is_awaited_not_ended() -> None:
     assert report.streams == {}
 
 
-# -- unary RPCs and serve() ----------------------------------------------------------
+# -- arguments --------------------------------------------------------------------------
 
 
-async def test_in_flight_unary_rpc_is_awaited_and_late_ones_refused() -> None:
-    done = []
-
-    async def slow(request: Any, context: Any) -> Any:
-        await asyncio.sleep(0.5)
-        done.append(request)
-        return {"ok": request}
-
-    handler = grpc.unary_unary_rpc_method_handler(slow, decode, encode)
-    guard = taskguard.TaskGuard(exit_wait_timeout=5)
-    async with guard, grpc_server(guard, {"Slow": handler}) as (_server, channel):
-        call = asyncio.ensure_future(unary_method(channel, "Slow")(1))
-        await asyncio.sleep(0.2)
-        guard.shutdown()
-        closed = await guard.wait_closed()
-        assert done == [1]  # the guard closed only after the RPC's handler returned
-        assert await call == {"ok": 1}
-        # the guard is closed: the interceptor refuses new RPCs
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await unary_method(channel, "Slow")(2)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert done == [1]
-    assert closed.guarded.completed == 1
-    assert closed.clean
-
-
-async def test_sync_unary_handler_in_the_thread_pool_is_awaited() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    done = []
-
-    def slow(request: Any, context: Any) -> Any:
-        time.sleep(0.5)  # a blocking handler, in grpc's migration thread pool
-        done.append(request)
-        return {"ok": request}
-
-    handler = grpc.unary_unary_rpc_method_handler(slow, decode, encode)
-    guard = taskguard.TaskGuard(exit_wait_timeout=5)
-    with ThreadPoolExecutor(2) as pool:
-        async with guard:
-            server = grpc.aio.server(pool, interceptors=[GuardInterceptor(guard)])
-            server.add_generic_rpc_handlers(
-                [grpc.method_handlers_generic_handler(SERVICE, {"Slow": handler})]
-            )
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            try:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    call = asyncio.ensure_future(unary_method(channel, "Slow")(1))
-                    await asyncio.sleep(0.2)
-                    guard.shutdown()
-                    report = await guard.wait_closed()
-                    assert done == [1]  # closed only once the handler had returned
-                    assert await call == {"ok": 1}
-            finally:
-                await server.stop(0)
-    assert report.guarded.completed == 1
-    assert report.clean
-
-
-async def test_serve_stops_intake_drains_and_returns_when_closed() -> None:
-    producer = Producer()
-    jobs_done: list[int] = []
-
-    async def job(n: int) -> None:
-        await asyncio.sleep(0.5)
-        jobs_done.append(n)
-
-    async def spawn_job(request: Any, context: Any) -> Any:
-        taskguard.spawn(job, request)
-        return {"spawned": request}
-
-    guard = taskguard.TaskGuard(exit_wait_timeout=5)
-    async with guard:
-        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
-        handlers = {
-            "Count": producer.handler(),
-            "Spawn": grpc.unary_unary_rpc_method_handler(spawn_job, decode, encode),
-        }
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
-        port = server.add_insecure_port("127.0.0.1:0")
-        serving = asyncio.ensure_future(serve(server, guard))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        try:
-            assert await unary_method(channel, "Spawn")(7, wait_for_ready=True) == {"spawned": 7}
-            call = stream_method(channel)({"count": 100})
-            await read_some(call, 2)
-            triggered = time.monotonic()
-            guard.shutdown()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await read_all(call)
-            # intake stopped without holding the stream: the drain ended it at once
-            assert time.monotonic() - triggered < 1.0
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "shutting down" in info.value.details()
-            await asyncio.wait_for(serving, 5)
-            assert guard.state is taskguard.State.CLOSED  # serve returned once closed
-            assert jobs_done == [7]
-            # intake stopped: a new RPC is refused by the server itself
-            with pytest.raises(grpc.aio.AioRpcError):
-                await unary_method(channel, "Spawn")(8, timeout=1)
-        finally:
-            await channel.close()
-            serving.cancel()
-    hooks = [(h.stage, h.name, h.outcome) for h in guard.report.hooks]
-    assert hooks == [("before_drain", "grpc: stop intake", "ok")]
-
-
-async def test_serve_rejects_a_grace_longer_than_the_exit_wait() -> None:
-    async with taskguard.TaskGuard(exit_wait_timeout=3) as guard:
-        server = grpc.aio.server()
-        with pytest.raises(ValueError, match=r"grace 10s .* exit_wait_timeout 3s"):
-            await serve(server, guard, grace=10)
-        with pytest.raises(ValueError, match="grace"):
-            await serve(server, guard, grace=-1)
-
-
-async def test_serve_needs_a_running_guard() -> None:
-    with pytest.raises(taskguard.NotStartedError):
-        await serve(grpc.aio.server(), taskguard.TaskGuard())
-
-
-async def test_cancelling_serve_stops_the_server() -> None:
-    async def hello(request: Any, context: Any) -> Any:
-        return {"hello": request}
-
-    async with taskguard.TaskGuard() as guard:
-        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
-        handler = grpc.unary_unary_rpc_method_handler(hello, decode, encode)
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(SERVICE, {"Hello": handler})]
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        serving = asyncio.ensure_future(serve(server, guard))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = await unary_method(channel, "Hello")(1, wait_for_ready=True)
-            assert reply == {"hello": 1}
-            serving.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await serving
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await unary_method(channel, "Hello")(2, timeout=2)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_serve_inside_taskguard_run_returns() -> None:
-    """Inside run()'s main (a guarded section) serve() must not wait for closed."""
-    result: dict[str, Any] = {}
-
-    async def hello(request: Any, context: Any) -> Any:
-        return {"hello": request}
-
-    async def main(guard: taskguard.TaskGuard) -> None:
-        server = grpc.aio.server(interceptors=[GuardInterceptor(guard)])
-        handler = grpc.unary_unary_rpc_method_handler(hello, decode, encode)
-        server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler(SERVICE, {"Hello": handler})]
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-
-        async def client() -> None:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                result["reply"] = await unary_method(channel, "Hello")("x", wait_for_ready=True)
-            guard.shutdown()
-
-        task = asyncio.ensure_future(client())
-        await serve(server, guard)
-        await task
-
-    report = taskguard.run(main, handle_signals=False, exit_wait_timeout=5)
-    assert result["reply"] == {"hello": "x"}
-    assert report.clean
-    assert [h.name for h in report.hooks] == ["grpc: stop intake"]
-
-
-def test_interceptor_validates_its_arguments() -> None:
+async def test_interceptor_validates_its_arguments() -> None:
     with pytest.raises(TypeError):
         GuardInterceptor(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="send_timeout"):

@@ -147,3 +147,15 @@ async def test_validation() -> None:
             with pytest.raises(RuntimeError, match="outside"):
                 await stream.pump(_noop)
         assert "sent=0" in repr(stream)
+
+
+async def test_an_integration_can_say_the_consumer_stalled() -> None:
+    # For integrations that watch for a stalled consumer themselves (gRPC).
+    async with TaskGuard() as g:
+        stream = g.stream(None, name="s")
+        async with stream:
+            stream.stalled()
+            await anyio.sleep(1)  # cancelled: the block exits quietly
+            raise AssertionError("not reached")
+    assert stream.outcome == "stalled"
+    assert g.report.streams == {"stalled": 1}

@@ -76,6 +76,14 @@ class Backend(ABC):
     def current_task(self) -> object:
         return self.current_task_function()()
 
+    def task_canceller(self) -> Any:
+        """An object whose ``cancel()`` cancels the calling task (a section's stand-in
+        for a cancel scope: see ``TaskGuard.open_task_section``)."""
+        raise RuntimeError(
+            f"a {self.name} task cannot be cancelled without a cancel scope; use "
+            "guard.open_section(name, scope) with a scope of your own"
+        )
+
     @abstractmethod
     def time(self) -> float:
         """The loop's clock (``anyio.current_time()``), also usable in loop callbacks,

@@ -63,6 +63,9 @@ class AsyncioBackend(Backend):
     def current_task_function(self) -> Callable[[], object]:
         return asyncio.current_task
 
+    def task_canceller(self) -> Any:
+        return _CancelTask(asyncio.current_task())
+
     def time(self) -> float:
         return self.loop.time()
 
@@ -70,6 +73,19 @@ class AsyncioBackend(Backend):
         if isinstance(task, asyncio.Task):
             return coroutine_stack(task.get_coro())
         return ""
+
+
+class _CancelTask:
+    """A section's stand-in cancel scope: cancels its task (``task_canceller``)."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 class _Steps:
