@@ -1,0 +1,230 @@
+"""HAProxy in front of the backends: its config, its log, and its view of each server.
+
+The config is HAProxy's defaults plus what a deploy behind a health-checked
+load balancer needs (see ``CONFIG``):
+
+- ``option httpchk`` on ``/healthz/ready`` every ``inter`` (1 s), a server
+  taken out after ``fall`` (2) failed checks and back in after ``rise`` (2)
+  good ones. So a backend whose readiness turns 503 gets no new requests at
+  most about ``inter x fall`` (+ one check's duration) later: that is the time
+  ``drain_delay`` must cover (3 s against 2 s here);
+- ``retries 3`` to the same server on a failed connection (HAProxy's default)
+  and no ``option redispatch``: a backend that refuses connections while it is
+  still in the pool shows up as failed requests, instead of being hidden by
+  the balancer retrying elsewhere.
+
+With ``deregister_first`` the harness takes a backend out of the pool
+through the runtime API (``set server app/sN state maint``) before it sends
+SIGTERM, as a preStop hook or a deploy script would; this is the control that
+shows what is left when the load balancer is told first.
+
+Each request is logged as ``REQ <status> <termination state> <server>
+<retries> <active ms> <method> <uri>`` (HAProxy's termination state tells who
+ended the request and when: ``SC`` the server refused the connection, ``SH``
+it closed before the response headers, ``SD`` during the body, ``--`` a
+normal end).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+CONFIG = """\
+global
+    log stdout format raw local0 info
+    stats socket ipv4@127.0.0.1:{stats_port} level admin
+    nbthread 1
+    maxconn 4000
+
+defaults
+    mode http
+    log global
+    option log-health-checks
+    log-format "REQ %ST %ts %s %rc %Ta %HM %HU"
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    timeout check 1s
+    retries 3
+
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend app
+
+backend app
+    balance roundrobin
+    option httpchk
+    http-check send meth GET uri /healthz/ready ver HTTP/1.1 hdr Host lb
+    http-check expect status 200
+    default-server check inter {inter_ms}ms fall {fall} rise {rise}
+{servers}
+"""
+
+_REQUEST = re.compile(r"^REQ (-?\d+) (\S\S) (\S+) (\+?\d+) (-?\d+) (\S+) (\S+)")
+
+
+class Haproxy:
+    """One HAProxy process on ``port``; server ``s<i>`` is ``127.0.0.1:<backends[i]>``.
+
+    A thread reads its log (each line stamped with ``time.monotonic()`` on
+    arrival) and another polls its stats socket every 50 ms, recording each
+    server's status changes, so the harness can tell when HAProxy took a
+    backend out of the pool and when it put the replacement back.
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[int],
+        workdir: Path,
+        port: int,
+        stats_port: int,
+        *,
+        inter: float = 1.0,
+        fall: int = 2,
+        rise: int = 2,
+    ) -> None:
+        program = shutil.which("haproxy")
+        if program is None:
+            raise RuntimeError("haproxy is not installed (Debian: apt-get install -y haproxy)")
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        # a TCP socket: a unix socket's path is limited to 97 characters
+        self.stats_port = stats_port
+        self.log_file = workdir / "haproxy.log"
+        self.config = workdir / "haproxy.cfg"
+        servers = "\n".join(f"    server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+        self.config.write_text(
+            CONFIG.format(
+                stats_port=stats_port,
+                port=port,
+                inter_ms=round(inter * 1000),
+                fall=fall,
+                rise=rise,
+                servers=servers,
+            )
+        )
+        #: (time, line) of every log line
+        self.log: list[tuple[float, str]] = []
+        #: (time, server, status) whenever a server's status changed (UP, DOWN, "UP 1/2", ...)
+        self.changes: list[tuple[float, str, str]] = []
+        self.status: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.stderr = workdir / "haproxy.stderr"
+        self._stderr = self.stderr.open("wb")
+        self.proc = subprocess.Popen(
+            [program, "-f", str(self.config), "-db"],
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_log, daemon=True),
+            threading.Thread(target=self._poll, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read_log(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.log.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                status = self.stats()
+            except OSError:
+                continue  # not listening yet, or stopping
+            now = time.monotonic()
+            for server, value in status.items():
+                if self.status.get(server) != value:
+                    self.changes.append((now, server, value))
+            self.status = status
+
+    def command(self, line: str) -> str:
+        """One command on the stats socket (runtime API); its answer."""
+        with socket.create_connection(("127.0.0.1", self.stats_port), timeout=2) as conn:
+            conn.sendall(line.encode() + b"\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        return data.decode()
+
+    def stats(self) -> dict[str, str]:
+        """Each server's status from the stats socket (``show stat``)."""
+        answer = self.command("show stat")
+        lines = answer.splitlines()
+        if not lines or not lines[0].startswith("# "):
+            raise OSError(f"unexpected stats answer: {answer[:200]!r}")
+        header = lines[0][2:].split(",")
+        name, sv, st = header.index("pxname"), header.index("svname"), header.index("status")
+        rows = [line.split(",") for line in lines[1:] if line]
+        return {r[sv]: r[st] for r in rows if r[name] == "app" and r[sv] != "BACKEND"}
+
+    def wait_status(self, server: str, status: str, timeout: float, since: float = 0.0) -> float:
+        """Wait until ``server`` has ``status`` (seen after ``since``); when it was seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited ({self.proc.returncode}): {self.tail()}")
+            for when, name, value in reversed(self.changes):
+                if name == server:
+                    if value == status and when >= since:
+                        return when
+                    break
+            if self.status.get(server) == status and time.monotonic() > since:
+                return time.monotonic()
+            time.sleep(0.05)
+        raise RuntimeError(
+            f"haproxy: {server} not {status} within {timeout:g} s (now {self.status.get(server)})"
+        )
+
+    def out_of_pool(self, server: str, after: float) -> float | None:
+        """When HAProxy first took ``server`` out of the pool after ``after`` (None: never).
+
+        "UP 1/2" (a failed check, still routed to) does not count; "DOWN",
+        "DOWN 1/2" (coming back), "NOLB" and "MAINT" do.
+        """
+        for when, name, value in self.changes:
+            if name == server and when >= after and not value.startswith("UP"):
+                return when
+        return None
+
+    def requests(self) -> list[tuple[float, int, str, str, int, int, str, str]]:
+        """The request log: (time, status, termination, server, retries, ms, method, uri).
+
+        The status is -1 where HAProxy sent none (it closed the client's connection).
+        """
+        out = []
+        for when, line in self.log:
+            m = _REQUEST.match(line)
+            if m:
+                status, ts, server, retries, ms, method, uri = m.groups()
+                out.append((when, int(status), ts, server, int(retries), int(ms), method, uri))
+        return out
+
+    def tail(self, lines: int = 20) -> str:
+        """The end of its log and of its stderr (where a config error goes)."""
+        self._stderr.flush()
+        err = self.stderr.read_text(errors="replace").splitlines()[-lines:]
+        return "\n".join([*(line for _, line in self.log[-lines:]), *err])
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for thread in self._threads:
+            thread.join(5)
+        self._stderr.close()
+        self.log_file.write_text("".join(f"{t:.3f} {line}\n" for t, line in self.log))
