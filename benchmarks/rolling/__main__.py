@@ -31,7 +31,7 @@ HEADLINE = ("failed_requests", "broken_streams", "broken_websockets", "lost_jobs
 
 def _line(server: str, app: str, s: dict[str, Any]) -> str:
     fails = ", ".join(f"{k} x{v}" for k, v in s["requests"]["failures"].items()) or "-"
-    times = s["restart_s"]
+    times, lb = s["restart_s"], s["haproxy"]
     return (
         f"{server:<10} {app:<9} requests {s['requests']['total']:>5}  "
         f"failed {s['failed_requests']:>3}  broken streams {s['broken_streams']:>2}  "
@@ -40,7 +40,8 @@ def _line(server: str, app: str, s: dict[str, Any]) -> str:
         f"{_median(times['down_after'])} s, exit {_median(times['exit_after'])} s, "
         f"back {_median(times['up_after'])} s  ({s['elapsed_s']} s)\n"
         f"{'':<21}failures: {fails}\n"
-        f"{'':<21}haproxy: {s['haproxy']['failures_by_status_and_termination'] or '-'}"
+        f"{'':<21}haproxy: {lb['failures_by_status_and_termination'] or '-'}, "
+        f"reaching it s after the SIGTERM: {lb['failures_s_after_sigterm'] or '-'}"
     )
 
 
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--drain-delay", type=float, default=defaults.drain_delay)
     parser.add_argument(
+        "--job-seconds", type=float, default=defaults.job_seconds, help="a signup job's duration"
+    )
+    parser.add_argument(
         "--deregister-first",
         action="store_true",
         help="take each backend out of HAProxy before its SIGTERM (the control)",
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             streams=args.streams,
             websockets=args.ws,
             drain_delay=args.drain_delay,
+            job_seconds=args.job_seconds,
             deregister_first=args.deregister_first,
         )
     except ValueError as exc:

@@ -13,6 +13,7 @@ the acknowledged signups started, and returns what :mod:`.summary` makes of it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -72,11 +73,15 @@ def run(kind: str, variant: str, settings: Settings, workdir: Path) -> dict[str,
         "ROLLING_DRAIN_DELAY": str(settings.drain_delay),
         "ROLLING_EXIT_WAIT": str(settings.exit_wait),
     }
-    ports = [free_port() for _ in range(settings.backends)]
+    ports = _distinct_ports(settings.backends + 2)  # the backends, HAProxy, its stats
     # hypercorn cuts connections --graceful-timeout (3 s) after its shutdown
     # starts: docs/asgi.md has users set it to the exit wait at least. uvicorn
     # waits without a limit, gunicorn 30 s.
-    extra = ["--graceful-timeout", str(settings.exit_wait + 5)] if "hypercorn" in kind else []
+    extra = (
+        ["--graceful-timeout", str(math.ceil(settings.exit_wait + 5))]
+        if "hypercorn" in kind
+        else []
+    )
     servers: list[ServerProcess] = []
     generations = [0] * settings.backends
 
@@ -97,10 +102,10 @@ def run(kind: str, variant: str, settings: Settings, workdir: Path) -> dict[str,
         for server in servers:
             server.wait_ready("/healthz/ready")
         lb = Haproxy(
-            ports,
+            ports[: settings.backends],
             workdir,
-            free_port(),
-            free_port(),
+            ports[-2],
+            ports[-1],
             inter=settings.inter,
             fall=settings.fall,
             rise=settings.rise,
@@ -128,6 +133,13 @@ def run(kind: str, variant: str, settings: Settings, workdir: Path) -> dict[str,
             server.stop()
         if lb is not None:
             lb.stop()
+
+
+def _distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
 
 
 def _restart(

@@ -63,6 +63,8 @@ class Load:
         self.last: dict[int, int] = {}
         self.in_flight: set[asyncio.Task[None]] = set()
         self.overloaded = 0
+        #: per request started: how late (s) against its schedule (a busy machine)
+        self.lag: list[float] = []
 
     async def request(self, client: httpx.AsyncClient, kind: str) -> None:
         start = time.monotonic()
@@ -87,6 +89,7 @@ class Load:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while not self.stop.is_set():
+            self.lag.append(loop.time() - next_at)
             if len(self.in_flight) >= self.args.max_in_flight:
                 self.overloaded += 1  # reported: the figures would understate the load
             else:
@@ -212,6 +215,7 @@ class Load:
             "stream_gaps": self.stream_gaps,
             "websockets": self.websockets,
             "overloaded": self.overloaded,
+            "lag": self.lag,
         }
 
 

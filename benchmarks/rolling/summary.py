@@ -60,6 +60,38 @@ def _failed_open(outcome: str) -> bool:
     return outcome.startswith(_OPEN_FAILED_PREFIXES)
 
 
+def _bin(offset: float) -> str:
+    low = int(offset * 2) / 2
+    return f"{low:.1f}-{low + 0.5:.1f}"
+
+
+def _lb_failures(lb: Haproxy, timeline: list[dict[str, Any]]) -> dict[str, Any]:
+    """HAProxy's view of the failures: status and termination state, and when they
+    reached HAProxy, in seconds after the SIGTERM of the backend they were sent to."""
+    by_kind: Counter[str] = Counter()
+    after_sigterm: Counter[str] = Counter()
+    in_pool = 0
+    lb_requests = lb.requests()
+    for when, status, term, server, _retries, ms, _method, _uri in lb_requests:
+        if status == 101 or not (status >= 500 or status < 0 or term[0] in "SsPRIDLK"):
+            continue  # fine, a client's own abort, or a websocket (counted by the client)
+        by_kind[f"{status} {term}"] += 1
+        accepted = when - max(ms, 0) / 1000
+        steps = [st for st in timeline if f"s{st['slot']}" == server and st["t_term"] <= accepted]
+        if steps:
+            step = steps[-1]
+            after_sigterm[_bin(accepted - step["t_term"])] += 1
+            down = step["down_after"]
+            in_pool += down is None or accepted < step["t_term"] + down
+    return {
+        "requests": len(lb_requests),
+        "retried": sum(1 for r in lb_requests if r[4] > 0),
+        "failures_by_status_and_termination": dict(by_kind.most_common()),
+        "failures_s_after_sigterm": dict(sorted(after_sigterm.items())),
+        "failures_sent_while_in_pool": in_pool,
+    }
+
+
 def summarize(
     result: dict[str, Any],
     done: set[str],
@@ -77,51 +109,35 @@ def summarize(
         i = bisect.bisect_right(terms, t)
         return None if i == 0 else round(t - terms[i - 1], 2)
 
-    def in_restart(t: float) -> bool:
-        return any(a <= t <= b for a, b in windows)
-
     failures: Counter[str] = Counter()
-    failure_times: list[float] = []
     latency: dict[str, list[float]] = {"steady": [], "restart": []}
     requests = result["requests"]
     for kind, start, seconds, outcome, _detail in requests:
-        if outcome == "ok":
-            if kind == "plain":
-                latency["restart" if in_restart(start) else "steady"].append(seconds)
-            continue
-        failures[f"{kind}: {outcome}"] += 1
-        failure_times.append(start)
+        if outcome != "ok":
+            failures[f"{kind}: {outcome}"] += 1
+        elif kind == "plain":
+            restarting = any(a <= start <= b for a, b in windows)
+            latency["restart" if restarting else "steady"].append(seconds)
 
     streams = Counter(outcome for *_, outcome, _detail in result["streams"])
-    for _n, start, _s, outcome, _detail in result["streams"]:
+    broken = []
+    for _n, start, seconds, outcome, detail in result["streams"]:
         if _failed_open(outcome):
             failures[f"stream: {outcome}"] += 1
-            failure_times.append(start)
-    broken = [
-        (since_sigterm(start + seconds), detail)
-        for _n, start, seconds, outcome, detail in result["streams"]
-        if outcome == "broken"
-    ]
+        elif outcome == "broken":
+            broken.append((since_sigterm(start + seconds), detail))
     websockets = Counter(
         f"{outcome} ({detail})" if outcome in ("closed", "broken") else outcome
         for *_, outcome, detail in result["websockets"]
     )
     ws_broken = 0
-    for _n, start, _s, outcome, _detail in result["websockets"]:
+    for *_, outcome, _detail in result["websockets"]:
         if _failed_open(outcome):
             failures[f"websocket: {outcome}"] += 1
-            failure_times.append(start)
         elif outcome not in _WS_FINE:
             ws_broken += 1
 
     acked = set(result["acked"])
-    offsets = sorted(o for o in map(since_sigterm, failure_times) if o is not None)
-    lb_requests = lb.requests()
-    explained = Counter(
-        f"{status} {term}"
-        for _t, status, term, _server, _retries, _ms, _method, uri in lb_requests
-        if (status >= 500 or term[0] in "SsPRIDLK") and not uri.startswith("/healthz")
-    )
     return {
         "elapsed_s": round(elapsed, 1),
         "failed_requests": sum(failures.values()),
@@ -133,8 +149,6 @@ def summarize(
             "plain": sum(1 for r in requests if r[0] == "plain"),
             "signups": sum(1 for r in requests if r[0] == "signup"),
             "failures": dict(failures.most_common()),
-            "failures_s_after_sigterm": offsets[:100],
-            "client_overloaded": result["overloaded"],
         },
         "streams": {
             "segments": sum(streams.values()),
@@ -148,12 +162,10 @@ def summarize(
             "written": len(acked & done),
             "lost": len(acked - done),
         },
-        "haproxy": {
-            "requests": len(lb_requests),
-            "retried": sum(1 for r in lb_requests if r[4] > 0),
-            "failures_by_status_and_termination": dict(explained.most_common()),
-        },
+        "haproxy": _lb_failures(lb, timeline),
         "latency": {phase: _percentiles(values) for phase, values in latency.items()},
+        # how late the load generator started requests (a busy machine): should be small
+        "client_lag": _percentiles(result["lag"]) | {"overloaded": result["overloaded"]},
         "restarts": [
             {
                 "rollout": step["rollout"],
@@ -171,4 +183,5 @@ def summarize(
             step["down_after"] is not None and step["down_after"] < settings.drain_delay
             for step in timeline
         ),
+        "t0_monotonic": t0,  # the logs' times (haproxy.log, load.json) are monotonic
     }
