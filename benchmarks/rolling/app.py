@@ -27,6 +27,7 @@ import json
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from typing import Any
 
 import anyio
@@ -43,13 +44,13 @@ def _setting(name: str, default: str) -> str:
 
 
 def _record(db: str, job_id: str) -> None:
-    with sqlite3.connect(db, timeout=30) as conn:
+    with closing(sqlite3.connect(db, timeout=30)) as conn, conn:
         conn.execute("INSERT INTO jobs VALUES (?, ?, julianday('now'))", (job_id, os.getpid()))
 
 
 def _create_db(db: str) -> None:
     # WAL: the harness reads while the backends write.
-    with sqlite3.connect(db, timeout=30) as conn:
+    with closing(sqlite3.connect(db, timeout=30)) as conn, conn:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("CREATE TABLE IF NOT EXISTS jobs (id TEXT, pid INTEGER, done_at REAL)")
 

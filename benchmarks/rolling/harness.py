@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def run(kind: str, variant: str, settings: Settings, workdir: Path) -> dict[str,
     try:
         servers.extend(start(slot) for slot in range(settings.backends))
         for server in servers:
-            server.wait_ready("/healthz/ready")
+            server.wait_ready("/healthz/ready", timeout=60)
         lb = Haproxy(
             ports[: settings.backends],
             workdir,
@@ -120,7 +121,7 @@ def run(kind: str, variant: str, settings: Settings, workdir: Path) -> dict[str,
                 step = _restart(servers, slot, start, lb, settings)
                 timeline.append({"rollout": rollout, "slot": slot, **step})
         time.sleep(settings.warmup)
-        result = _stop_load(load, load_out, settings)
+        result = _stop_load(load, load_out)
         # The last signups were acknowledged as the load stopped; the backends now
         # running finish theirs within job_seconds (a write takes milliseconds).
         done = _wait_for_jobs(db, result["acked"], settings.job_seconds + 5)
@@ -151,6 +152,7 @@ def _restart(
 ) -> dict[str, Any]:
     """SIGTERM the backend of ``slot``, replace it, wait until HAProxy has it up."""
     old = servers[slot]
+    t_begin = time.monotonic()
     if settings.deregister_first:
         lb.command(f"set server app/s{slot} state maint")
         time.sleep(0.2)  # a request HAProxy just picked this server for reaches it first
@@ -163,12 +165,17 @@ def _restart(
     t_exit = time.monotonic()
     old.stop()  # whatever is left of it (gunicorn workers), and its log file
     servers[slot] = new = start(slot)
-    new.wait_ready("/healthz/ready")
+    new.wait_ready("/healthz/ready", timeout=60)  # slow on a busy machine (gunicorn: 11 s)
     t_ready = time.monotonic()
     if settings.deregister_first:
         lb.command(f"set server app/s{slot} state ready")
-    t_up = lb.wait_status(f"s{slot}", "UP", timeout=15, since=t_ready)
-    t_down = lb.out_of_pool(f"s{slot}", t_term)
+    t_seen_up = lb.wait_status(f"s{slot}", "UP", timeout=30)
+    changes = lb.changes(f"s{slot}", t_begin)
+    downs = [when for when, state in changes if state == "DOWN"]
+    ups = [when for when, state in changes if state == "UP"]
+    # None: never taken out (the replacement answered before `fall` checks failed)
+    t_down = downs[0] if downs else None
+    t_up = ups[-1] if downs and ups else t_seen_up  # (the log line may still be on its way)
     return {
         "t_term": t_term,
         "exit_code": code,
@@ -195,7 +202,7 @@ def _start_load(
         return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _stop_load(load: subprocess.Popen[bytes], out: Path, settings: Settings) -> dict[str, Any]:
+def _stop_load(load: subprocess.Popen[bytes], out: Path) -> dict[str, Any]:
     load.send_signal(signal.SIGTERM)
     code = load.wait(60)
     if code != 0 or not out.exists():
@@ -210,7 +217,7 @@ def _wait_for_jobs(db: Path, acked: list[str], timeout: float) -> set[str]:
     want = set(acked)
     deadline = time.monotonic() + timeout
     while True:
-        with sqlite3.connect(db, timeout=30) as conn:
+        with closing(sqlite3.connect(db, timeout=30)) as conn:
             done = {row[0] for row in conn.execute("SELECT id FROM jobs")}
         if want <= done or time.monotonic() > deadline:
             return done
@@ -219,6 +226,4 @@ def _wait_for_jobs(db: Path, acked: list[str], timeout: float) -> set[str]:
 
 def default_workdir() -> Path:
     """A fresh directory for the logs and files of the runs (kept: see the logs after)."""
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="rolling-", dir=os.environ.get("TMPDIR")))
+    return Path(tempfile.mkdtemp(prefix="rolling-"))

@@ -18,8 +18,8 @@ through the runtime API (``set server app/sN state maint``) before it sends
 SIGTERM, as a preStop hook or a deploy script would; this is the control that
 shows what is left when the load balancer is told first.
 
-Each request is logged as ``REQ <status> <termination state> <server>
-<retries> <active ms> <method> <uri>`` (HAProxy's termination state tells who
+Each request is logged as ``REQ <accepted at> <status> <termination state>
+<server> <retries> <active ms> <method> <uri>`` (HAProxy's termination state tells who
 ended the request and when: ``SC`` the server refused the connection, ``SH``
 it closed before the response headers, ``SD`` during the body, ``--`` a
 normal end).
@@ -27,6 +27,7 @@ normal end).
 
 from __future__ import annotations
 
+import datetime
 import re
 import shutil
 import socket
@@ -38,7 +39,7 @@ from pathlib import Path
 
 CONFIG = """\
 global
-    log stdout format raw local0 info
+    log stdout format rfc5424 local0 info
     stats socket ipv4@127.0.0.1:{stats_port} level admin
     nbthread 1
     maxconn 4000
@@ -47,7 +48,7 @@ defaults
     mode http
     log global
     option log-health-checks
-    log-format "REQ %ST %ts %s %rc %Ta %HM %HU"
+    log-format "REQ %Ts.%ms %ST %ts %s %rc %Ta %HM %HU"
     timeout connect 1s
     timeout client 60s
     timeout server 60s
@@ -68,16 +69,18 @@ backend app
 {servers}
 """
 
-_REQUEST = re.compile(r"^REQ (-?\d+) (\S\S) (\S+) (\+?\d+) (-?\d+) (\S+) (\S+)")
+_LINE = re.compile(r"^<\d+>1 (\S+) \S+ \S+ \d+ - - (.*)$")
+_REQUEST = re.compile(r"^REQ (\d+\.\d+) (-?\d+) (\S\S) (\S+) (\+?\d+) (-?\d+) (\S+) (\S+)")
+_STATE = re.compile(r"^Server app/(s\d+) is (?:going )?(UP|DOWN)")
 
 
 class Haproxy:
     """One HAProxy process on ``port``; server ``s<i>`` is ``127.0.0.1:<backends[i]>``.
 
-    A thread reads its log (each line stamped with ``time.monotonic()`` on
-    arrival) and another polls its stats socket every 50 ms, recording each
-    server's status changes, so the harness can tell when HAProxy took a
-    backend out of the pool and when it put the replacement back.
+    Its log goes to its stdout in RFC 5424 format, so every line carries
+    HAProxy's own timestamp (microseconds): on a busy machine a reader's
+    clock would be late by as much as the reader is. Times are converted to
+    ``time.monotonic()``, the clock of the harness and the load generator.
     """
 
     def __init__(
@@ -110,12 +113,10 @@ class Haproxy:
                 servers=servers,
             )
         )
-        #: (time, line) of every log line
+        #: epoch time minus monotonic time: HAProxy's timestamps on our clock
+        self._epoch = time.time() - time.monotonic()
+        #: (time, message) of every log line
         self.log: list[tuple[float, str]] = []
-        #: (time, server, status) whenever a server's status changed (UP, DOWN, "UP 1/2", ...)
-        self.changes: list[tuple[float, str, str]] = []
-        self.status: dict[str, str] = {}
-        self._stop = threading.Event()
         self.stderr = workdir / "haproxy.stderr"
         self._stderr = self.stderr.open("wb")
         self.proc = subprocess.Popen(
@@ -123,29 +124,19 @@ class Haproxy:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
         )
-        self._threads = [
-            threading.Thread(target=self._read_log, daemon=True),
-            threading.Thread(target=self._poll, daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
 
     def _read_log(self) -> None:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            self.log.append((time.monotonic(), raw.decode(errors="replace").rstrip("\n")))
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            try:
-                status = self.stats()
-            except OSError:
-                continue  # not listening yet, or stopping
-            now = time.monotonic()
-            for server, value in status.items():
-                if self.status.get(server) != value:
-                    self.changes.append((now, server, value))
-            self.status = status
+            line = raw.decode(errors="replace").rstrip("\n")
+            m = _LINE.match(line)
+            if m is None:
+                self.log.append((time.monotonic(), line))
+                continue
+            when = datetime.datetime.fromisoformat(m[1]).timestamp() - self._epoch
+            self.log.append((when, m[2]))
 
     def command(self, line: str) -> str:
         """One command on the stats socket (runtime API); its answer."""
@@ -167,45 +158,42 @@ class Haproxy:
         rows = [line.split(",") for line in lines[1:] if line]
         return {r[sv]: r[st] for r in rows if r[name] == "app" and r[sv] != "BACKEND"}
 
-    def wait_status(self, server: str, status: str, timeout: float, since: float = 0.0) -> float:
-        """Wait until ``server`` has ``status`` (seen after ``since``); when it was seen."""
+    def wait_status(self, server: str, status: str, timeout: float) -> float:
+        """Wait until ``server``'s status is ``status`` (e.g. "UP"); when it was seen."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"haproxy exited ({self.proc.returncode}): {self.tail()}")
-            for when, name, value in reversed(self.changes):
-                if name == server:
-                    if value == status and when >= since:
-                        return when
-                    break
-            if self.status.get(server) == status and time.monotonic() > since:
-                return time.monotonic()
+            try:
+                if self.stats().get(server) == status:
+                    return time.monotonic()
+            except OSError:
+                pass  # not listening yet
             time.sleep(0.05)
-        raise RuntimeError(
-            f"haproxy: {server} not {status} within {timeout:g} s (now {self.status.get(server)})"
-        )
+        raise RuntimeError(f"haproxy: {server} not {status} within {timeout:g} s:\n{self.tail()}")
 
-    def out_of_pool(self, server: str, after: float) -> float | None:
-        """When HAProxy first took ``server`` out of the pool after ``after`` (None: never).
-
-        "UP 1/2" (a failed check, still routed to) does not count; "DOWN",
-        "DOWN 1/2" (coming back), "NOLB" and "MAINT" do.
-        """
-        for when, name, value in self.changes:
-            if name == server and when >= after and not value.startswith("UP"):
-                return when
-        return None
+    def changes(self, server: str, after: float) -> list[tuple[float, str]]:
+        """When HAProxy took ``server`` out of the pool ("DOWN": failed checks, or
+        maintenance) or put it back ("UP") after ``after``, from its log."""
+        out = []
+        for when, message in self.log:
+            m = _STATE.match(message)
+            if m and m[1] == server and when >= after:
+                out.append((when, m[2]))
+        return out
 
     def requests(self) -> list[tuple[float, int, str, str, int, int, str, str]]:
-        """The request log: (time, status, termination, server, retries, ms, method, uri).
+        """The request log: (accepted, status, termination, server, retries, ms, method, uri).
 
-        The status is -1 where HAProxy sent none (it closed the client's connection).
+        ``accepted`` is when HAProxy accepted the request; the status is -1
+        where HAProxy sent none (it closed the client's connection).
         """
         out = []
-        for when, line in self.log:
-            m = _REQUEST.match(line)
+        for _, message in self.log:
+            m = _REQUEST.match(message)
             if m:
-                status, ts, server, retries, ms, method, uri = m.groups()
+                accepted, status, ts, server, retries, ms, method, uri = m.groups()
+                when = float(accepted) - self._epoch
                 out.append((when, int(status), ts, server, int(retries), int(ms), method, uri))
         return out
 
@@ -216,7 +204,6 @@ class Haproxy:
         return "\n".join([*(line for _, line in self.log[-lines:]), *err])
 
     def stop(self) -> None:
-        self._stop.set()
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
@@ -224,7 +211,6 @@ class Haproxy:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for thread in self._threads:
-            thread.join(5)
+        self._reader.join(5)
         self._stderr.close()
         self.log_file.write_text("".join(f"{t:.3f} {line}\n" for t, line in self.log))

@@ -14,10 +14,11 @@ every outcome as JSON to ``--out``:
 - ``--websockets`` clients, each echoing a message every 100 ms over ``/ws``
   and reconnecting when the server closes the connection.
 
-httpx (async) rather than raw sockets: the load is modest (tens of requests a
-second), and httpx tells the outcomes apart exactly as a client would see
-them: a 5xx, a refused or reset connection, a timeout, and a chunked body cut
-before its terminating chunk (a broken stream). Times are
+Plain requests and signups go over raw asyncio sockets (:mod:`.rawhttp`), a
+fifth of httpx's CPU per request, so the schedule holds on a busy machine;
+the streams use httpx (async), which reads SSE over a chunked body and tells a
+body cut before its terminating chunk (a broken stream) from a clean end;
+websockets use the ``websockets`` client. Times are
 ``time.monotonic()``, which is system-wide on Linux, so the harness can place
 them on its own restart timeline.
 """
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import random
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from benchmarks.rolling.rawhttp import HTTPFailure, Pool
 
 #: a stream segment's outcomes that are not failures
 STREAM_OK = ("end", "shutdown")
@@ -66,20 +70,20 @@ class Load:
         #: per request started: how late (s) against its schedule (a busy machine)
         self.lag: list[float] = []
 
-    async def request(self, client: httpx.AsyncClient, kind: str) -> None:
+    async def request(self, pool: Pool, kind: str) -> None:
         start = time.monotonic()
         try:
             if kind == "plain":
-                response = await client.get("/work", params={"ms": self.rng.randint(5, 50)})
+                status, body = await pool.request("GET", f"/work?ms={self.rng.randint(5, 50)}")
             else:
                 job_id = f"{self.args.tag}-{len(self.requests)}-{self.rng.getrandbits(32):x}"
-                response = await client.post("/signup", params={"id": job_id})
-                if response.status_code == 202:
+                status, body = await pool.request("POST", f"/signup?id={job_id}")
+                if status == 202:
                     self.acked.append(job_id)
-            outcome = "ok" if response.status_code < 400 else f"http {response.status_code}"
-            detail = "" if response.status_code < 400 else response.text[:100]
-        except httpx.HTTPError as exc:
-            outcome, detail = type(exc).__name__, str(exc)
+            outcome = "ok" if status < 400 else f"http {status}"
+            detail = "" if status < 400 else body[:100].decode(errors="replace")
+        except HTTPFailure as exc:
+            outcome, detail = exc.kind, exc.detail
         self.requests.append([kind, start, time.monotonic() - start, outcome, detail])
 
     async def paced(self, rate: float, fire: Callable[[], Awaitable[None]]) -> None:
@@ -189,8 +193,10 @@ class Load:
         args = self.args
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop.set)
-        limits = httpx.Limits(max_connections=args.max_in_flight + 50)
+        limits = httpx.Limits(max_connections=args.streams + 10)  # the streams
         timeout = httpx.Timeout(args.timeout, connect=5.0)
+        url = httpx.URL(args.url)
+        pool = Pool(url.host, url.port or 80, timeout=args.timeout)
         async with httpx.AsyncClient(base_url=args.url, limits=limits, timeout=timeout) as client:
             ws_url = "ws" + args.url.removeprefix("http") + "/ws"
             long_lived = [
@@ -198,14 +204,15 @@ class Load:
                 *(asyncio.create_task(self.websocket_client(ws_url, n)) for n in range(args.ws)),
             ]
             await asyncio.gather(
-                self.paced(args.rate, lambda: self.request(client, "plain")),
-                self.paced(args.signup_rate, lambda: self.request(client, "signup")),
+                self.paced(args.rate, lambda: self.request(pool, "plain")),
+                self.paced(args.signup_rate, lambda: self.request(pool, "signup")),
             )
             if self.in_flight:  # started before the stop: let them answer
                 await asyncio.wait(self.in_flight, timeout=args.timeout + 5)
             for task in long_lived:
                 task.cancel()
             await asyncio.gather(*long_lived, return_exceptions=True)
+            pool.close()
 
     def result(self) -> dict[str, Any]:
         return {
@@ -216,6 +223,7 @@ class Load:
             "websockets": self.websockets,
             "overloaded": self.overloaded,
             "lag": self.lag,
+            "cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
         }
 
 

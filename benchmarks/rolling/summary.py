@@ -72,11 +72,10 @@ def _lb_failures(lb: Haproxy, timeline: list[dict[str, Any]]) -> dict[str, Any]:
     after_sigterm: Counter[str] = Counter()
     in_pool = 0
     lb_requests = lb.requests()
-    for when, status, term, server, _retries, ms, _method, _uri in lb_requests:
+    for accepted, status, term, server, _retries, _ms, _method, _uri in lb_requests:
         if status == 101 or not (status >= 500 or status < 0 or term[0] in "SsPRIDLK"):
             continue  # fine, a client's own abort, or a websocket (counted by the client)
         by_kind[f"{status} {term}"] += 1
-        accepted = when - max(ms, 0) / 1000
         steps = [st for st in timeline if f"s{st['slot']}" == server and st["t_term"] <= accepted]
         if steps:
             step = steps[-1]
@@ -165,7 +164,8 @@ def summarize(
         "haproxy": _lb_failures(lb, timeline),
         "latency": {phase: _percentiles(values) for phase, values in latency.items()},
         # how late the load generator started requests (a busy machine): should be small
-        "client_lag": _percentiles(result["lag"]) | {"overloaded": result["overloaded"]},
+        "client_lag": _percentiles(result["lag"])
+        | {"overloaded": result["overloaded"], "cpu_s": round(result["cpu_s"], 1)},
         "restarts": [
             {
                 "rollout": step["rollout"],
