@@ -18,11 +18,11 @@ through the runtime API (``set server app/sN state maint``) before it sends
 SIGTERM, as a preStop hook or a deploy script would; this is the control that
 shows what is left when the load balancer is told first.
 
-Each request is logged as ``REQ <accepted at> <status> <termination state>
-<server> <retries> <active ms> <method> <uri>`` (HAProxy's termination state tells who
-ended the request and when: ``SC`` the server refused the connection, ``SH``
-it closed before the response headers, ``SD`` during the body, ``--`` a
-normal end).
+Each request is logged as ``REQ <accept date> <handshake ms> <idle ms>
+<status> <termination state> <server> <retries> <active ms> <method> <uri>``.
+The termination state tells who ended the request and when: ``SC`` the
+server refused the connection, ``SH`` it closed it before the response
+headers, ``SD`` during the body, ``--`` a normal end.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ defaults
     mode http
     log global
     option log-health-checks
-    log-format "REQ %Ts.%ms %ST %ts %s %rc %Ta %HM %HU"
+    log-format "REQ %Ts.%ms %Th %Ti %ST %ts %s %rc %Ta %HM %HU"
     timeout connect 1s
     timeout client 60s
     timeout server 60s
@@ -70,7 +70,9 @@ backend app
 """
 
 _LINE = re.compile(r"^<\d+>1 (\S+) \S+ \S+ \d+ - - (.*)$")
-_REQUEST = re.compile(r"^REQ (\d+\.\d+) (-?\d+) (\S\S) (\S+) (\+?\d+) (-?\d+) (\S+) (\S+)")
+_REQUEST = re.compile(
+    r"^REQ (\d+\.\d+) (-?\d+) (-?\d+) (-?\d+) (\S\S) (\S+) (\+?\d+) (-?\d+) (\S+) (\S+)"
+)
 _STATE = re.compile(r"^Server app/(s\d+) is (?:going )?(UP|DOWN)")
 
 
@@ -185,15 +187,18 @@ class Haproxy:
     def requests(self) -> list[tuple[float, int, str, str, int, int, str, str]]:
         """The request log: (accepted, status, termination, server, retries, ms, method, uri).
 
-        ``accepted`` is when HAProxy accepted the request; the status is -1
-        where HAProxy sent none (it closed the client's connection).
+        ``accepted`` is when the request's first byte reached HAProxy: for a
+        keep-alive connection HAProxy's "accept date" is when the connection
+        became idle, so the handshake (``%Th``) and idle (``%Ti``) times are
+        added. The status is -1 where HAProxy sent none (it closed the
+        client's connection).
         """
         out = []
         for _, message in self.log:
             m = _REQUEST.match(message)
             if m:
-                accepted, status, ts, server, retries, ms, method, uri = m.groups()
-                when = float(accepted) - self._epoch
+                accept, th, ti, status, ts, server, retries, ms, method, uri = m.groups()
+                when = float(accept) + (max(int(th), 0) + max(int(ti), 0)) / 1000 - self._epoch
                 out.append((when, int(status), ts, server, int(retries), int(ms), method, uri))
         return out
 
