@@ -34,27 +34,32 @@ class Pool:
     def __init__(self, host: str, port: int, *, timeout: float, keepalive: float = 5.0) -> None:
         self.host, self.port = host, port
         self.timeout, self.keepalive = timeout, keepalive
-        self.idle: list[tuple[float, Connection]] = []
+        #: (idle since, requests served, connection), newest last
+        self.idle: list[tuple[float, int, Connection]] = []
 
-    def _reuse(self) -> Connection | None:
+    def _reuse(self) -> tuple[float, int, Connection] | None:
         now = time.monotonic()
         while self.idle:
-            since, (reader, writer) = self.idle.pop()
+            since, served, (reader, writer) = self.idle.pop()
             if now - since < self.keepalive and not reader.at_eof() and not writer.is_closing():
-                return reader, writer
+                return since, served, (reader, writer)
             writer.close()
         return None
 
     async def request(self, method: str, target: str) -> tuple[int, bytes]:
         """Send one request; its status and body, or :class:`HTTPFailure`."""
-        conn = self._reuse()
-        if conn is None:
+        reused = self._reuse()
+        if reused is None:
             try:
                 conn = await asyncio.wait_for(
                     asyncio.open_connection(self.host, self.port), self.timeout
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 raise HTTPFailure("ConnectError", repr(exc)) from None
+            served, how = 0, "a new connection"
+        else:
+            since, served, conn = reused
+            how = f"a connection idle {time.monotonic() - since:.2f} s after {served} requests"
         reader, writer = conn
         try:
             writer.write(
@@ -64,22 +69,24 @@ class Pool:
             status, body, close = await asyncio.wait_for(_response(reader), self.timeout)
         except asyncio.TimeoutError:
             writer.close()
-            raise HTTPFailure("ReadTimeout", f"no response within {self.timeout:g} s") from None
+            raise HTTPFailure(
+                "ReadTimeout", f"nothing within {self.timeout:g} s on {how}"
+            ) from None
         except asyncio.IncompleteReadError as exc:
             writer.close()
             what = "incomplete response" if exc.partial else "disconnected without a response"
-            raise HTTPFailure(what, repr(exc)) from None
+            raise HTTPFailure(what, f"{exc!r} on {how}") from None
         except (OSError, ValueError) as exc:
             writer.close()
-            raise HTTPFailure(type(exc).__name__, repr(exc)) from None
+            raise HTTPFailure(type(exc).__name__, f"{exc!r} on {how}") from None
         if close:
             writer.close()
         else:
-            self.idle.append((time.monotonic(), conn))
+            self.idle.append((time.monotonic(), served + 1, conn))
         return status, body
 
     def close(self) -> None:
-        for _, (_, writer) in self.idle:
+        for *_, (_, writer) in self.idle:
             writer.close()
         self.idle.clear()
 
