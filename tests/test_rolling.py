@@ -6,9 +6,8 @@ every second), a steady load of plain requests, signups and streams, and one
 full rollout (each backend in turn gets SIGTERM and is replaced). About 35 s.
 
 The harness runs as its own process, as ``python -m benchmarks.rolling``:
-whatever goes wrong in it (HAProxy or a server not starting) fails the test;
-only the figures themselves are the expected failure while the servers still
-close their listener at SIGTERM (``xfail(raises=AssertionError)``).
+whatever goes wrong in it (HAProxy or a server not starting) fails the test,
+and so does one failed request or lost job.
 """
 
 from __future__ import annotations
@@ -46,11 +45,6 @@ def run_benchmark(tmp_path: Path, *args: str) -> dict[str, Any]:
     return summary
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=AssertionError,
-    reason="needs intake through drain_delay (issue 14), being fixed on another branch",
-)
 def test_rollout_behind_haproxy_loses_no_request_and_no_job(tmp_path: Path) -> None:
     require_program("haproxy")
     require("uvicorn")
