@@ -7,7 +7,8 @@ promptly, shutdown steps run in order, all bounded by an exit wait and reported.
 from __future__ import annotations
 
 from ._config import GroupConfig, GuardConfig
-from ._current import current, guarded, on_shutdown, spawn
+from ._current import current, durable, durable_context, guarded, on_shutdown, spawn
+from ._durable import DurableContext, DurableFunction  # durable:
 from ._exceptions import (
     ConsumerDisconnected,
     ConsumerStalled,
@@ -23,7 +24,9 @@ from ._exceptions import (
 from ._guard import TaskGuard
 from ._guarded import Guarded
 from ._handle import TaskHandle
+from ._journal import Journal, JournalError  # durable:
 from ._report import (
+    DurableReport,
     GroupReport,
     GuardStats,
     HookReport,
@@ -40,6 +43,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ConsumerDisconnected",
     "ConsumerStalled",
+    "DurableContext",
+    "DurableFunction",
+    "DurableReport",
     "GroupConfig",
     "GroupFullError",
     "GroupReport",
@@ -48,6 +54,8 @@ __all__ = [
     "Guarded",
     "GuardedStream",
     "HookReport",
+    "Journal",
+    "JournalError",
     "NoGuardError",
     "NotStartedError",
     "SectionReport",
@@ -65,6 +73,8 @@ __all__ = [
     "TaskHandle",
     "__version__",
     "current",
+    "durable",
+    "durable_context",
     "guarded",
     "on_shutdown",
     "run",

@@ -27,6 +27,8 @@ from ._shutdown import Shutdown
 from ._signals import SignalReceiver, on_signal
 
 if TYPE_CHECKING:
+    from ._durable import DurableFunction, JournalOn
+    from ._journal._manager import DurableManager
     from ._streams import GuardedStream
 
 __all__ = ["TaskGuard"]
@@ -67,6 +69,7 @@ class TaskGuard(HookRegistry, SectionRegistry):
         self._warnings: list[str] = []
         self._trigger_callbacks: list[Callable[[TaskGuard], object]] = []
         self._report: ShutdownReport | None = None
+        self._durable: DurableManager | None = None  # durable: declarations and journal
         self._new_run()
 
     def _new_run(self) -> None:
@@ -228,6 +231,14 @@ class TaskGuard(HookRegistry, SectionRegistry):
                     f"taskguard could not install its exit-signal handlers: {receiver.error} "
                     "(signals can only be handled in the main thread; set handle_signals=False)"
                 ) from receiver.error
+        if self.config.journal is not None:  # durable: resume before the app takes work
+            try:
+                await self._durable_manager().start(self.config.journal)
+            except BaseException as exc:
+                self.shutdown(reason=f"the journal could not be opened: {exc}")
+                await self.wait_closed()
+                _current.leave(self, self._context_token)
+                raise
         return self
 
     async def __aexit__(
@@ -442,6 +453,53 @@ class TaskGuard(HookRegistry, SectionRegistry):
                 self.shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
         except BaseException:
             logger.exception("taskguard: handling the failure of %r failed", handle.name)
+
+    # -- durable tasks (durable:) -------------------------------------------------------
+
+    def _durable_manager(self) -> DurableManager:
+        if self._durable is None:
+            from ._journal._manager import DurableManager
+
+            self._durable = DurableManager(self)
+        return self._durable
+
+    def durable(
+        self,
+        name: str | None = None,
+        *,
+        group: str = "default",
+        max_attempts: int = 5,
+        journal_on: JournalOn = "spawn",
+        backoff: float = 0.5,
+    ) -> Callable[[Callable[..., Coroutine[Any, Any, T]]], DurableFunction[T]]:
+        """Declare an async function a durable task of this guard (see docs/durable.md).
+
+        ``await fn.spawn(*args, key=None, **kwargs)`` journals the call and runs
+        it; entries left by an earlier run are resumed when the guard starts.
+        Needs ``GuardConfig.journal``.
+        """
+        from ._durable import durable
+
+        return durable(
+            name,
+            group=group,
+            max_attempts=max_attempts,
+            journal_on=journal_on,
+            backoff=backoff,
+            guard=self,
+        )
+
+    async def spawn_durable(
+        self, fn: DurableFunction[T], /, *args: Any, key: str | None = None, **kwargs: Any
+    ) -> TaskHandle[T]:
+        """Journal ``fn(*args, **kwargs)`` and run it in its group: the handle comes back
+        once the entry is committed (``journal_on="spawn"``). A ``key`` already
+        journaled gives the handle of the task holding it, not a second task."""
+        from ._durable import DurableFunction
+
+        if not isinstance(fn, DurableFunction):
+            raise TypeError(f"spawn_durable() takes a function declared with @durable, not {fn!r}")
+        return await self._durable_manager().spawn(fn, args, kwargs, key)
 
     # -- guarded sections ------------------------------------------------------------
 

@@ -92,6 +92,8 @@ class Shutdown:
             self._phase_start = self.started
             await self._drain_phase()
             await self._stopping_phase()
+            if guard._durable is not None:  # durable: write pending, give back leases
+                await guard._durable.close()
             await self._after_drain_phase()
         finally:
             if not self.triggered.is_set():  # the event loop is ending under the guard
@@ -146,6 +148,8 @@ class Shutdown:
         # cancellation is abandoned then, rather than holding the drain (and so
         # the whole shutdown) until the exit wait.
         unwind_by: dict[Group, float] = {}
+        if guard._durable is not None:  # durable: save "cut" tasks before they are cancelled
+            await guard._durable.save_cut({g.name for g in guard._groups.values() if not g.drains})
         for grp in guard._groups.values():
             if not grp.drains:
                 grp.cancel_all(cut=False)
@@ -172,6 +176,8 @@ class Shutdown:
             for grp, when in list(group_deadlines.items()):
                 if now >= when:
                     del group_deadlines[grp]
+                    if len(grp) and guard._durable is not None:  # durable: save, then cut
+                        await guard._durable.save_cut({grp.name})
                     if len(grp):
                         logger.warning(
                             "group %r: timeout %.3gs reached, cancelling %d task(s)",
@@ -248,6 +254,8 @@ class Shutdown:
             logger.warning(
                 "exit wait of %gs reached: cancelling what is left", cfg.exit_wait_timeout
             )
+        if guard._durable is not None:  # durable: save "cut" tasks, then cancel
+            await guard._durable.save_cut(None)
         for grp in guard._groups.values():
             grp.cancel_all(cut=True)
         for section in list(guard._sections):
@@ -373,6 +381,7 @@ class Shutdown:
             streams=streams,
             stuck=self.stuck,
             warnings=list(guard._warnings),
+            durable=guard._durable.report() if guard._durable is not None else None,  # durable:
         )
         guard._report = report
         (logger.info if report.clean else logger.warning)("%s", report.summary())
