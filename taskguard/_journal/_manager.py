@@ -204,15 +204,17 @@ class DurableManager:
 
     def _check_intake(self, fn: DurableFunction[Any]) -> None:
         guard = self.guard
+        state = guard.state
+        if state is State.IDLE:
+            raise NotStartedError(
+                "durable spawn before the guard started: enter it with `async with guard:`"
+            )
         if guard.config.journal is None:
             raise JournalError(
                 f"durable task {fn.name}: the guard has no journal; configure one, e.g. "
                 "GuardConfig(journal='sqlite:///journal.db')"
             )
-        state = guard.state
-        if state is State.IDLE or self.journal is None:
-            raise NotStartedError("durable spawn before the guard started")
-        if self.closing or state is State.STOPPING or state is State.CLOSED:
+        if self.journal is None or self.closing or state in (State.STOPPING, State.CLOSED):
             raise ShuttingDownError(f"durable spawn refused: the guard is {state.value}")
 
     async def _commit(self) -> None:
