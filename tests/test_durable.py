@@ -88,7 +88,8 @@ async def test_spawn_is_acknowledged_once_journaled_and_deleted_on_completion(db
         # acknowledged: the entry is committed, owned by this process
         (entry,) = rows(db)
         assert entry["name"] == held.name == f"{__name__}:held"
-        assert entry["attempt"] == 1 and entry["owner"] is not None
+        assert entry["attempt"] == 1
+        assert entry["owner"] is not None
         assert '"x":7' in entry["payload"]
         GATE.setdefault("held", anyio.Event()).set()
         assert await handle.wait() == 7
@@ -110,7 +111,8 @@ async def test_retried_with_backoff_then_dead_lettered(db: Path) -> None:
     assert [r[2] for r in RUNS if r[1] == 5] == [1, 2, 3]
     assert rows(db) == []
     (dead,) = rows(db, "taskguard_dead")
-    assert dead["attempts"] == 3 and dead["error"] == "ValueError: failure 3"
+    assert dead["attempts"] == 3
+    assert dead["error"] == "ValueError: failure 3"
     assert '"fail_times":5' in dead["payload"]
 
 
@@ -148,7 +150,7 @@ async def test_arguments_are_validated_and_refused_naming_the_argument(db: Path)
             await anything.spawn(object())
         with pytest.raises(TypeError, match="missing a required argument: 'x'"):
             await record.spawn()
-        with pytest.raises(TypeError, match="key=.* must be a str"):
+        with pytest.raises(TypeError, match=r"key=.* must be a str"):
             await record.spawn(1, key=5)
     assert rows(db) == []
     assert RUNS == []
@@ -168,7 +170,8 @@ async def test_cut_at_the_deadline_then_resumed_by_the_next_start(db: Path) -> N
     async with TaskGuard(cfg) as guard:
         pass  # resumed before the body runs; the drain awaits it
     assert RUNS == [("held", 3, 1, "order-3"), ("held", 3, 1, "order-3")]
-    assert guard.report.durable is not None and guard.report.durable.resumed == 1
+    assert guard.report.durable is not None
+    assert guard.report.durable.resumed == 1
     assert rows(db) == []
 
 
@@ -178,14 +181,17 @@ async def test_cut_mode_writes_nothing_until_the_deadline(db: Path) -> None:
         await cut_job.spawn(11)
         await anyio.sleep(0.05)
         assert rows(db) == []  # the normal path writes nothing
-    assert guard.report.durable is not None and guard.report.durable.saved_at_cut == 1
+    assert guard.report.durable is not None
+    assert guard.report.durable.saved_at_cut == 1
     (entry,) = rows(db)
-    assert entry["owner"] is None and '"x":11' in entry["payload"]
+    assert entry["owner"] is None
+    assert '"x":11' in entry["payload"]
     GATE["cut_job"] = anyio.Event()
     async with TaskGuard(cfg) as guard:
         pass
     assert [r[1] for r in RUNS] == [11, 11]
-    assert guard.report.durable is not None and guard.report.durable.resumed == 1
+    assert guard.report.durable is not None
+    assert guard.report.durable.resumed == 1
     assert rows(db) == []
 
 
@@ -223,7 +229,8 @@ async def test_guard_bound_declaration(db: Path) -> None:
     async with guard:
         assert await (await job.spawn(1)).wait() == 2
         assert await job(5) == 6  # a plain call runs it inline
-    assert guard.report.durable is not None and guard.report.durable.completed == 1
+    assert guard.report.durable is not None
+    assert guard.report.durable.completed == 1
 
 
 async def test_entries_of_a_dead_owner_are_claimed_at_once_and_expired_leases_too(
@@ -259,7 +266,8 @@ async def test_entries_of_a_dead_owner_are_claimed_at_once_and_expired_leases_to
         os.close(live)
     assert sorted((r[1], r[2]) for r in RUNS) == [(1, 2), (3, 2)]
     assert [r["id"] for r in rows(db)] == ["a2"]
-    assert guard.report.durable is not None and guard.report.durable.resumed == 2
+    assert guard.report.durable is not None
+    assert guard.report.durable.resumed == 2
 
 
 def test_declaration_errors() -> None:
