@@ -56,6 +56,17 @@ def run_journal_command(args: argparse.Namespace) -> int:
     if not args.journal:
         print("taskguard journal: give --journal URL (or set TASKGUARD_JOURNAL)", file=sys.stderr)
         return 2
+    if args.journal.startswith("sqlite:"):
+        from ._sqlite import sqlite_path
+
+        try:
+            path = sqlite_path(args.journal)[0]
+        except ValueError as exc:
+            print(f"taskguard journal: {exc}", file=sys.stderr)
+            return 2
+        if not os.path.exists(path):  # looking must not create one
+            print(f"taskguard journal: no journal at {path}", file=sys.stderr)
+            return 2
     try:
         return int(anyio.run(_run, args))
     except (JournalError, ValueError) as exc:
@@ -63,20 +74,9 @@ def run_journal_command(args: argparse.Namespace) -> int:
         return 2
 
 
-async def _open(url: str) -> Journal:
-    journal = open_journal(url)
-    if url.startswith("sqlite:"):
-        from ._sqlite import sqlite_path
-
-        path = sqlite_path(url)[0]
-        if not os.path.exists(path):
-            raise JournalError(f"no journal at {path}")
-    await journal.open(None, 30.0)
-    return journal
-
-
 async def _run(args: argparse.Namespace) -> int:
-    journal = await _open(args.journal)
+    journal: Journal = open_journal(args.journal)
+    await journal.open(None, 30.0)
     try:
         if args.action == "ls":
             live = await journal.entries(dead=False, limit=args.limit)
