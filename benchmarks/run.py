@@ -39,6 +39,7 @@ CASES = {
     "memory": "benchmarks.case_memory",
     "streams": "benchmarks.case_streams",
     "asgi": "benchmarks.case_asgi",
+    "durable": "benchmarks.case_durable",
 }
 PACKAGES = ("taskguard", "anyio", "trio", "aiojobs", "pydantic", "uvicorn", "starlette", "httpx")
 RESULTS = Path(__file__).resolve().parent / "results"

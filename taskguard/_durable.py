@@ -49,7 +49,9 @@ class DurableContext:
     max_attempts: int
 
 
-_CONTEXT: ContextVar[DurableContext | None] = ContextVar("taskguard_durable", default=None)
+#: the running durable task (the manager's record of it: ``.fn`` and ``.entry``);
+#: each task runs in a context of its own, so it is set once per task, never reset
+_CONTEXT: ContextVar[Any] = ContextVar("taskguard_durable", default=None)
 
 
 def durable_context() -> DurableContext:
@@ -57,10 +59,11 @@ def durable_context() -> DurableContext:
 
     Raises :class:`LookupError` outside a durable task.
     """
-    ctx = _CONTEXT.get()
-    if ctx is None:
+    task = _CONTEXT.get()
+    if task is None:
         raise LookupError("durable_context() is only available inside a durable task")
-    return ctx
+    entry, fn = task.entry, task.fn
+    return DurableContext(fn.name, entry.id, entry.key, entry.attempt, fn.max_attempts)
 
 
 class DurableFunction(Generic[R]):
@@ -102,8 +105,15 @@ class DurableFunction(Generic[R]):
         self.guard = guard
         self.__wrapped__ = fn
         self.__doc__ = fn.__doc__
-        self._signature = inspect.signature(fn)
-        self._adapter = _arguments_adapter(fn, self._signature, self.name)
+        self._signature = sig = inspect.signature(fn)
+        self._adapter = _arguments_adapter(fn, sig, self.name)
+        params = sig.parameters.values()
+        # The common signature (plain named parameters) skips inspect's binding,
+        # which costs more than the rest of a durable spawn's bookkeeping.
+        self._simple = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        self._names = tuple(sig.parameters)
+        self._accepted = frozenset(self._names)
+        self._required = frozenset(p.name for p in params if p.default is p.empty)
 
     def __repr__(self) -> str:
         return f"<durable {self.name} group={self.group!r} journal_on={self.journal_on!r}>"
@@ -119,12 +129,9 @@ class DurableFunction(Generic[R]):
         task that holds it instead of starting another. The guard is the one
         this function was declared on, else :func:`taskguard.current`.
         """
-        guard = self.guard
-        if guard is None:
-            from ._current import current
-
-            guard = current()
-        return await guard.spawn_durable(self, *args, key=key, **kwargs)
+        guard = self.guard or _current()
+        manager = guard._durable or guard._durable_manager()
+        return await manager.spawn(self, args, kwargs, key)
 
     # -- the arguments ---------------------------------------------------------
 
@@ -134,17 +141,25 @@ class DurableFunction(Generic[R]):
         Raises TypeError for a call that does not fit the signature and
         ValueError naming the argument that fails validation or cannot be journaled.
         """
-        try:
-            bound = self._signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{self.name}.spawn(): {exc}") from None
-        arguments = bound.arguments
+        names = self._names
+        if (
+            self._simple
+            and len(args) <= len(names)
+            and not (kwargs and not kwargs.keys().isdisjoint(names[: len(args)]))
+        ):
+            arguments = dict(zip(names, args, strict=False))
+            if kwargs:
+                arguments.update(kwargs)
+            if not self._required <= arguments.keys() <= self._accepted:
+                arguments = self._bind(args, kwargs)
+        else:
+            arguments = self._bind(args, kwargs)
         try:
             values: dict[str, Any] = self._adapter.validate_python(arguments)
         except ValidationError as exc:
-            names = sorted({str(err["loc"][0]) for err in exc.errors() if err["loc"]})
+            bad = sorted({str(err["loc"][0]) for err in exc.errors() if err["loc"]})
             raise ValueError(
-                f"{self.name}.spawn(): invalid argument {', '.join(map(repr, names))}: {exc}"
+                f"{self.name}.spawn(): invalid argument {', '.join(map(repr, bad))}: {exc}"
             ) from None
         try:
             payload = self._adapter.dump_json(values).decode()
@@ -157,18 +172,25 @@ class DurableFunction(Generic[R]):
             ) from None
         return payload, values
 
-    def decode(self, payload: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's positional and keyword arguments, from a journaled payload."""
-        values = self._adapter.validate_json(payload)
-        bound = inspect.BoundArguments(
-            self._signature, {p: values[p] for p in self._signature.parameters if p in values}
-        )
-        return bound.args, bound.kwargs
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._signature.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise TypeError(f"{self.name}.spawn(): {exc}") from None
 
-    def call_args(self, values: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Positional and keyword arguments from validated values (see :meth:`encode`)."""
-        bound = inspect.BoundArguments(self._signature, values)
-        return bound.args, bound.kwargs
+    def decode(self, payload: str) -> dict[str, Any]:
+        """The validated argument values of a journaled payload."""
+        values: dict[str, Any] = self._adapter.validate_json(payload)
+        return values
+
+    def call(self, values: dict[str, Any]) -> Coroutine[Any, Any, R]:
+        """Call the function with argument values (from :meth:`encode` or :meth:`decode`)."""
+        if self._simple:
+            return self.fn(**values)
+        bound = inspect.BoundArguments(
+            self._signature, {p: values[p] for p in self._names if p in values}
+        )
+        return self.fn(*bound.args, **bound.kwargs)
 
 
 def _arguments_adapter(
@@ -211,6 +233,14 @@ def _unserialisable(values: dict[str, Any]) -> str:
         except PydanticSerializationError:
             return param
     return "?"
+
+
+def _current() -> TaskGuard:
+    from ._current import current  # a cycle at import time: _current re-exports durable
+
+    global _current
+    _current = current  # later calls skip the import machinery
+    return current()
 
 
 def register(registry: dict[str, DurableFunction[Any]], fn: DurableFunction[Any]) -> None:

@@ -78,6 +78,13 @@ async def cut_job(x: int) -> int:
 
 
 @taskguard.durable()
+async def shapes(a: int, /, *more: int, flag: bool = False, **extra: str) -> None:
+    RUNS.append(("shapes", (a, more, flag, extra), durable_context().attempt, None))
+    if "shapes" not in GATE:
+        await anyio.sleep_forever()
+
+
+@taskguard.durable()
 async def anything(value: Any) -> None:
     RUNS.append(("anything", value, 1, None))
 
@@ -173,6 +180,22 @@ async def test_cut_at_the_deadline_then_resumed_by_the_next_start(db: Path) -> N
     assert guard.report.durable is not None
     assert guard.report.durable.resumed == 1
     assert rows(db) == []
+
+
+async def test_every_parameter_kind_round_trips_through_the_journal(db: Path) -> None:
+    cfg = GuardConfig(journal=url(db), exit_wait_timeout=0.2, cancel_grace=0.5)
+    async with TaskGuard(cfg):
+        await shapes.spawn(1, 2, "3", flag=True, colour="red")
+        with pytest.raises(TypeError, match="multiple values for argument"):
+            await record.spawn(1, x=2)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+            await record.spawn(1, y=2)
+        await anyio.sleep(0.05)
+    GATE["shapes"] = anyio.Event()
+    async with TaskGuard(cfg):
+        pass
+    expected = (1, (2, 3), True, {"colour": "red"})
+    assert [r[1] for r in RUNS] == [expected, expected]  # as spawned, then as resumed
 
 
 async def test_cut_mode_writes_nothing_until_the_deadline(db: Path) -> None:

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import anyio.lowlevel
 
-from .._durable import _CONTEXT, DurableContext, DurableFunction, register, registered
+from .._durable import _CONTEXT, DurableFunction, register, registered
 from .._exceptions import NotStartedError, ShuttingDownError
 from .._report import DurableReport, State
 from . import Batch, Entry, Journal, JournalError, open_journal
@@ -278,13 +278,13 @@ class DurableManager:
 
     async def _execute(self, task: _Task) -> Any:
         fn, entry = task.fn, task.entry
+        _CONTEXT.set(task)  # this task's own context: durable_context() reads it
         try:
-            if task.values is not None:
-                args, kwargs = fn.call_args(task.values)
-                task.values = None
-            else:
+            values = task.values
+            task.values = None
+            if values is None:
                 try:
-                    args, kwargs = fn.decode(entry.payload)
+                    values = fn.decode(entry.payload)
                 except ValueError as exc:
                     self._dead(task, f"its journaled arguments no longer fit: {exc}")
                     raise
@@ -298,11 +298,8 @@ class DurableManager:
             while True:
                 if entry.not_before > time.time() and not await self._sleep_until(entry.not_before):
                     await self._leave_for_next_start(task)
-                token = _CONTEXT.set(
-                    DurableContext(fn.name, entry.id, entry.key, entry.attempt, fn.max_attempts)
-                )
                 try:
-                    result = await fn.fn(*args, **kwargs)
+                    result = await fn.call(values)
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
                     if entry.attempt >= fn.max_attempts:
@@ -316,8 +313,6 @@ class DurableManager:
                         self.batch.deletes.append(entry.id)
                         self._kick()
                     raise
-                finally:
-                    _CONTEXT.reset(token)
                 self.counts["completed"] += 1
                 if task.in_journal:
                     self.batch.deletes.append(entry.id)
