@@ -5,7 +5,7 @@
   durability settings, when its binaries and psycopg are here). The rate counts
   acknowledged spawns (the entry committed) per second of wall time. The same
   spawners with a plain ``guard.spawn`` are the baseline; "added per spawn" is
-  (durable time − plain time) / spawns, per sample, p50 over the samples.
+  (durable time - plain time) / spawns, per sample, p50 over the samples.
   The acknowledgement latency of single spawns (p50, p99) is printed beside it:
   with 1,000 spawners it is one group commit's worth of waiting, by design.
 - **resume**: 10,000 entries journaled (no owner); a guard starts: the time from
@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -120,7 +119,7 @@ def _spawn_case(
         lat = latencies
         plain_t.append(_spawn_sample(None, spawners, each)[0])
     rates = [n / t for t in durable_t]
-    added = [(d - p) / n for d, p in zip(durable_t, plain_t)]
+    added = [(d - p) / n for d, p in zip(durable_t, plain_t, strict=True)]
     lat.sort()
     note = (
         f"{n} spawns by {spawners} spawners; ack latency p50 {lat[len(lat) // 2] * 1e3:.2f} ms, "
@@ -195,7 +194,8 @@ def _cut_sample(n: int) -> float:
             for i in range(n):
                 await blocked.spawn(i)
         report = guard.report.durable
-        assert report is not None and report.saved_at_cut == n, report
+        assert report is not None, "no durable report"
+        assert report.saved_at_cut == n, report
 
     asyncio.run(main())
     return took[0]
@@ -215,9 +215,9 @@ def _dbos(n: int) -> Measurement | None:
             return Measurement(CASE, "spawn sqlite", "DBOS start_workflow_async", "spawns/s", [0.0],
                                note=f"DBOS failed: {out.stderr.strip()[-300:]}")  # fmt: skip
         rates.append(json.loads(out.stdout.strip().splitlines()[-1])["rate"])
+    note = f"DBOS {n} workflow starts, SQLite system database, 1 process"
     return Measurement(CASE, "spawn sqlite", "DBOS start_workflow_async", "spawns/s", rates,
-                       higher_is_better=True,
-                       note=f"DBOS {n} workflow starts, SQLite system database, 1 process")  # fmt: skip
+                       higher_is_better=True, note=note)  # fmt: skip
 
 
 def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
@@ -240,9 +240,10 @@ def run(settings: Settings) -> tuple[list[Measurement], list[Target]]:
             targets += pg_t
     resume = [_resume_sample(n) for _ in range(settings.repeats)]
     first_run = [r[0] for r in resume]
+    entered = statistics.median(r[1] for r in resume) * 1e3
+    note = f"after entering `async with guard`; all re-spawned in {entered:.1f} ms (median)"
     ms.append(Measurement(CASE, f"resume {n}", "first resumed task runs", "s", first_run,
-                          note="after entering `async with guard`; all re-spawned in "
-                          f"{statistics.median(r[1] for r in resume) * 1e3:.1f} ms (median)"))  # fmt: skip
+                          note=note))  # fmt: skip
     targets.append(Target(CASE, f"resume {n}", "first resumed task after start",
                           statistics.median(first_run), "<=", 0.1, unit="s"))  # fmt: skip
     cut = [_cut_sample(n) for _ in range(settings.repeats)]
