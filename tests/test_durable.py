@@ -326,3 +326,41 @@ def test_journal_url_is_validated() -> None:
     with pytest.raises(ValidationError, match="synchronous"):
         GuardConfig(journal="sqlite:///j.db?sync=off")
     assert GuardConfig(journal="sqlite:///j.db?synchronous=FULL").lease_timeout == 30.0
+
+
+async def test_a_key_held_by_another_process_gives_a_handle_that_ends_with_it(db: Path) -> None:
+    """Two guards (two owners) on one journal: the second spawn of a key that the
+    first holds gets a handle that ends when the first one's task has ended."""
+    async with TaskGuard(journal=url(db)) as first, TaskGuard(journal=url(db)):
+        held_there = await first.spawn_durable(held, 1, key="shared")
+        watching = await held.spawn(2, key="shared")
+        assert watching is not held_there
+        await anyio.sleep(0.1)
+        assert not watching.done()
+        GATE.setdefault("held", anyio.Event()).set()
+        assert await held_there.wait() == 1
+        with anyio.fail_after(10):
+            assert await watching.wait() is None
+    assert [r[1] for r in RUNS] == [1]  # the second spawn ran nothing
+
+
+async def test_the_heartbeat_keeps_a_long_task_from_being_rescued(db: Path) -> None:
+    """Leases of 0.3 s, a task of 1.2 s: the heartbeat renews its lease, so the
+    other guard polling the journal never takes it over."""
+    cfg = GuardConfig(journal=url(db), lease_timeout=0.3)
+    async with TaskGuard(cfg) as owner, TaskGuard(cfg) as other:
+        handle = await owner.spawn_durable(held, 1)
+        await anyio.sleep(1.2)
+        GATE.setdefault("held", anyio.Event()).set()
+        await handle.wait()
+    assert [r[1] for r in RUNS] == [1]
+    assert other.report.durable is not None
+    assert other.report.durable.resumed == 0
+
+
+async def test_a_journal_that_cannot_be_opened_fails_the_start(tmp_path: Path) -> None:
+    guard = TaskGuard(journal=f"sqlite:///{tmp_path / 'missing-dir' / 'j.db'}")
+    with pytest.raises(JournalError, match="cannot open the journal"):
+        async with guard:
+            pass
+    assert guard.state is taskguard.State.CLOSED
