@@ -101,7 +101,7 @@ def journaled(url: str) -> int:
         journal = open_journal(url)
         await journal.open(None, 30.0)
         try:
-            return len(await journal.entries(dead=False, limit=10**9))
+            return len(await journal.entries(limit=10**9))
         finally:
             await journal.close()
 

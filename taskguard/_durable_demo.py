@@ -54,7 +54,7 @@ async def _list(url: str) -> None:
     journal = open_journal(url)
     await journal.open(None, 30.0)
     try:
-        for e in await journal.entries(dead=False, limit=10):
+        for e in await journal.entries(limit=10):
             holder = "held" if e.owner else "not held: the next start takes it"
             _say(f"  journal: {e.id} {e.name} {e.payload} attempt {e.attempt}, {holder}")
     finally:

@@ -134,8 +134,11 @@ class Journal(Protocol):
 
     # -- administration (the ``taskguard journal`` command) ---------------------
 
-    async def entries(self, dead: bool, limit: int) -> list[Entry] | list[DeadEntry]:
-        """Journaled entries (``dead=False``) or dead letters, oldest first."""
+    async def entries(self, limit: int) -> list[Entry]:
+        """Journaled entries, oldest first."""
+
+    async def dead_letters(self, limit: int) -> list[DeadEntry]:
+        """Dead letters, oldest first."""
 
     async def get(self, entry_id: str) -> Entry | DeadEntry | None:
         """One entry or dead letter by id."""

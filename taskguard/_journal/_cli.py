@@ -79,8 +79,8 @@ async def _run(args: argparse.Namespace) -> int:
     await journal.open(None, 30.0)
     try:
         if args.action == "ls":
-            live = await journal.entries(dead=False, limit=args.limit)
-            dead = await journal.entries(dead=True, limit=args.limit)
+            live = await journal.entries(limit=args.limit)
+            dead = await journal.dead_letters(limit=args.limit)
             if args.json:
                 print(json.dumps({"entries": [describe(e) for e in live],
                                   "dead": [describe(d) for d in dead]}, indent=1))  # fmt: skip

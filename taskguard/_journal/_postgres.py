@@ -258,21 +258,23 @@ class PostgresJournal:
 
     # -- administration ------------------------------------------------------
 
-    async def entries(self, dead: bool, limit: int) -> list[Entry] | list[DeadEntry]:
-        return await self._call(self._entries, dead, limit)
+    async def entries(self, limit: int) -> list[Entry]:
+        return await self._call(self._entries, limit)
 
-    def _entries(
-        self, conn: psycopg.Connection[Any], dead: bool, limit: int
-    ) -> list[Entry] | list[DeadEntry]:
-        if dead:
-            rows = conn.execute(
-                f"SELECT {_DEAD_COLUMNS} FROM taskguard_dead ORDER BY died LIMIT %s", (limit,)
-            ).fetchall()
-            return [DeadEntry(*r) for r in rows]
+    def _entries(self, conn: psycopg.Connection[Any], limit: int) -> list[Entry]:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM taskguard_entries ORDER BY id LIMIT %s", (limit,)
         ).fetchall()
         return [Entry(*r) for r in rows]
+
+    async def dead_letters(self, limit: int) -> list[DeadEntry]:
+        return await self._call(self._dead_letters, limit)
+
+    def _dead_letters(self, conn: psycopg.Connection[Any], limit: int) -> list[DeadEntry]:
+        rows = conn.execute(
+            f"SELECT {_DEAD_COLUMNS} FROM taskguard_dead ORDER BY died LIMIT %s", (limit,)
+        ).fetchall()
+        return [DeadEntry(*r) for r in rows]
 
     async def get(self, entry_id: str) -> Entry | DeadEntry | None:
         return await self._call(self._get, entry_id)
