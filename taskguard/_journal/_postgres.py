@@ -1,6 +1,6 @@
 """The PostgreSQL journal: many processes on many machines (``postgresql://...``).
 
-Driver: psycopg 3 (``pip install 'taskguard-durable[postgres]'``), its
+Driver: psycopg 3 (the ``postgres`` extra, or ``pip install 'psycopg[binary]'``), its
 synchronous API in worker threads, like the SQLite journal. Why not asyncpg or
 psycopg's async API: both need asyncio, and the guard also runs on trio; a
 worker thread per call costs tens of microseconds, once per group commit.
@@ -31,8 +31,8 @@ try:
     import psycopg
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise JournalError(
-        "a postgresql:// journal needs psycopg 3: pip install 'taskguard-durable[postgres]' "
-        "(or psycopg[binary])"
+        "a postgresql:// journal needs psycopg 3: install taskguard's `postgres` extra "
+        "(or: pip install 'psycopg[binary]>=3.1')"
     ) from exc
 
 __all__ = ["PostgresJournal"]
