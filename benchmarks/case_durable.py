@@ -108,6 +108,8 @@ def _fresh_pg(server: str) -> str:
 def _spawn_case(
     label: str, fresh: Callable[[], str], settings: Settings, spawners: int, each: int, limit: float
 ) -> tuple[list[Measurement], list[Target]]:
+    polls = _poll_cost(fresh())
+    rescue = [_rescue_latency(fresh()) for _ in range(1 if settings.quick else 3)]
     n = spawners * each
     durable_t: list[float] = []
     plain_t: list[float] = []
@@ -130,6 +132,10 @@ def _spawn_case(
         Measurement(CASE, f"spawn {label}", "durable spawn", "spawns/s", rates, note=note,
                     higher_is_better=True),
         Measurement(CASE, f"spawn {label}", "added per spawn", "s", added),
+        Measurement(CASE, f"rescue {label}", "idle rescue poll", "s", polls,
+                    note="a claim finding nothing, 1,000 entries held by a live owner"),
+        Measurement(CASE, f"rescue {label}", "SIGKILL to rescued", "s", rescue,
+                    note="20 stalled acknowledged tasks, a live process polling, lease 60 s"),
     ]  # fmt: skip
     targets = [
         Target(CASE, f"spawn {label}", "acknowledged spawns/s", statistics.median(rates), ">=",
@@ -199,6 +205,64 @@ def _cut_sample(n: int) -> float:
 
     asyncio.run(main())
     return took[0]
+
+
+def _poll_cost(url: str, held: int = 1000, polls: int = 200) -> list[float]:
+    """The idle rescue poll: ``held`` entries all held by a live owner, nothing to claim."""
+
+    async def main() -> list[float]:
+        journal = open_journal(url)
+        await journal.open(f"{os.getpid():016x}", 30.0)
+        now = time.time()
+        await journal.apply(
+            Batch(inserts=[Entry(f"p{i:08d}", noop.name, "default", '{"i":0}', None, 1, now,
+                                 owner=f"{os.getpid():016x}") for i in range(held)])
+        )  # fmt: skip
+        other = open_journal(url)
+        await other.open(f"{os.getpid() + 1:016x}", 30.0)
+        times = []
+        for _ in range(polls):
+            t = perf_counter()
+            assert await other.claim([noop.name], 100) == []
+            times.append(perf_counter() - t)
+        await other.close()
+        await journal.close()
+        return times
+
+    return asyncio.run(main())
+
+
+def _rescue_latency(url: str) -> float:
+    """Seconds from SIGKILLing a process that holds acknowledged (stalled) tasks to
+    the last of them done by a live process (lease 60 s: liveness detection)."""
+    import sqlite3
+
+    from ._durable_worker import init_effects
+    from .durable_soak import Worker, parse
+
+    work = Path(tempfile.mkdtemp(prefix="tg-rescue-"))
+    effects = work / "effects.db"
+    init_effects(str(effects))
+    args = parse(["--journal", url, "--lease", "60"])
+    rescuer = Worker(args, effects, "rescuer", spawn=False)
+    victim = Worker(args, effects, "victim", spawn=True, env={"SOAK_STALL": "1"})
+    try:
+        rescuer.ready.wait(60)
+        while len(victim.acked) < 20:
+            time.sleep(0.01)
+        victim.kill()
+        acked = set(victim.acked)
+        killed = perf_counter()
+        while True:
+            conn = sqlite3.connect(effects)
+            done = {k for (k,) in conn.execute("SELECT key FROM effects")}
+            conn.close()
+            if acked <= done or perf_counter() - killed > 60:
+                return perf_counter() - killed
+            time.sleep(0.005)
+    finally:
+        rescuer.stop()
+        victim.kill()
 
 
 def _dbos(n: int, repeats: int) -> Measurement | None:

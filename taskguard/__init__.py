@@ -6,9 +6,10 @@ promptly, shutdown steps run in order, all bounded by an exit wait and reported.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._config import GroupConfig, GuardConfig
-from ._current import current, durable, durable_context, guarded, on_shutdown, spawn
-from ._durable import DurableContext, DurableFunction  # durable:
+from ._current import current, guarded, on_shutdown, spawn
 from ._exceptions import (
     ConsumerDisconnected,
     ConsumerStalled,
@@ -24,7 +25,6 @@ from ._exceptions import (
 from ._guard import TaskGuard
 from ._guarded import Guarded
 from ._handle import TaskHandle
-from ._journal import Journal, JournalError  # durable:
 from ._report import (
     DurableReport,
     GroupReport,
@@ -38,7 +38,35 @@ from ._report import (
 from ._runner import run
 from ._streams import GuardedStream, StreamOutcome, StreamResult
 
+if TYPE_CHECKING:  # durable: imported on first use (import taskguard stays as fast)
+    from ._durable import DurableContext, DurableFunction, durable, durable_context
+    from ._journal import Journal, JournalError
+
 __version__ = "0.1.0"
+
+# durable: the durable-task names, resolved on first access (PEP 562): their
+# modules build pydantic adapters and dataclasses, which an app without
+# durable tasks should not pay for at import.
+_LAZY = {
+    "DurableContext": "._durable",
+    "DurableFunction": "._durable",
+    "durable": "._durable",
+    "durable_context": "._durable",
+    "Journal": "._journal",
+    "JournalError": "._journal",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskguard' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ConsumerDisconnected",

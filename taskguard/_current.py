@@ -6,7 +6,6 @@ from collections.abc import Callable, Coroutine
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from ._durable import durable, durable_context  # durable: module-level declaration
 from ._exceptions import NoGuardError
 from ._report import State
 
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
     from ._handle import TaskHandle
     from ._hooks import Stage
 
-__all__ = ["current", "durable", "durable_context", "guarded", "on_shutdown", "spawn"]
+__all__ = ["current", "guarded", "on_shutdown", "spawn"]
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
