@@ -364,3 +364,33 @@ async def test_a_journal_that_cannot_be_opened_fails_the_start(tmp_path: Path) -
         async with guard:
             pass
     assert guard.state is taskguard.State.CLOSED
+
+
+async def test_a_key_spawned_again_while_its_commit_is_in_flight(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second spawn of a key whose first spawn's batch is being written waits
+    for that commit and gets the same handle (it waited forever on an empty
+    batch before)."""
+    from taskguard._journal._sqlite import SqliteJournal
+
+    real_apply = SqliteJournal.apply
+
+    async def slow_apply(self: SqliteJournal, batch: Any) -> Any:
+        await anyio.sleep(0.2)  # the commit is in flight meanwhile
+        return await real_apply(self, batch)
+
+    monkeypatch.setattr(SqliteJournal, "apply", slow_apply)
+    handles: list[Any] = []
+
+    async def spawn() -> None:
+        handles.append(await held.spawn(1, key="in-flight"))
+
+    async with TaskGuard(journal=url(db)):
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(spawn)
+                await anyio.sleep(0.05)  # the flusher took the first batch
+                tg.start_soon(spawn)
+        assert handles[0] is handles[1]
+        GATE.setdefault("held", anyio.Event()).set()

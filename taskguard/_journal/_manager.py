@@ -195,8 +195,8 @@ class DurableManager:
         return await self._handle_of(task)
 
     async def _handle_of(self, task: _Task) -> TaskHandle[Any]:
-        if task.handle is None and task.error is None:
-            await self._commit()
+        while task.handle is None and task.error is None:
+            await self._commit()  # its batch, or the one in flight and then the next
         if task.error is not None:
             raise task.error
         assert task.handle is not None
@@ -232,10 +232,12 @@ class DurableManager:
         try:
             while True:
                 if not self.batch:
+                    # nothing to write: whoever waits on this batch is committed already
+                    done, self.batch_done = self.batch_done, anyio.Event()
+                    done.set()
                     if self.closing:
                         return
-                    if self.work.is_set():
-                        self.work = anyio.Event()
+                    self.work = anyio.Event()  # no await since the check: no kick is lost
                     await self.work.wait()
                     continue
                 batch, tasks, done = self.batch, self.batch_tasks, self.batch_done
@@ -251,7 +253,9 @@ class DurableManager:
                     self._start_committed(tasks, conflicts)
                 done.set()
         finally:
-            self.batch_done.set()  # nobody waits forever on a batch that will not come
+            for task in self.batch_tasks:  # nobody waits forever on a batch that will not come
+                task.error = ShuttingDownError("the journal closed before this spawn was written")
+            self.batch_done.set()
             self.flusher_done.set()
 
     def _start_committed(self, tasks: list[_Task], conflicts: dict[str, Entry]) -> None:
