@@ -43,10 +43,12 @@ class DurableContext:
     entry_id: str
     #: the ``key`` given to ``spawn``, or None
     key: str | None
-    #: 1 for the first run; each failure, and each run cut short by a killed process,
-    #: counts one more (a graceful stop gives its attempt back)
+    #: 1 for the first run, one more after each failure (an exception of the task)
     attempt: int
     max_attempts: int
+    #: how many times it was taken over from a process that died while holding it
+    #: (a run may have done part of its work before: make effects idempotent by key)
+    recoveries: int = 0
 
 
 #: the running durable task (the manager's record of it: ``.fn`` and ``.entry``);
@@ -63,7 +65,9 @@ def durable_context() -> DurableContext:
     if task is None:
         raise LookupError("durable_context() is only available inside a durable task")
     entry, fn = task.entry, task.fn
-    return DurableContext(fn.name, entry.id, entry.key, entry.attempt, fn.max_attempts)
+    return DurableContext(
+        fn.name, entry.id, entry.key, entry.attempt, fn.max_attempts, entry.recoveries
+    )
 
 
 class DurableFunction(Generic[R]):

@@ -36,6 +36,7 @@ def rows(db: Path, table: str = "taskguard_entries") -> list[sqlite3.Row]:
 def db(tmp_path: Path) -> Path:
     RUNS.clear()
     GATE.clear()
+    RECOVERIES.clear()
     return tmp_path / "journal.db"
 
 
@@ -43,10 +44,14 @@ def url(db: Path) -> str:
     return f"sqlite:///{db}"
 
 
+RECOVERIES: dict[int, int] = {}
+
+
 @taskguard.durable()
 async def record(x: int, label: str = "") -> int:
     ctx = durable_context()
     RUNS.append(("record", x, ctx.attempt, ctx.key))
+    RECOVERIES[x] = ctx.recoveries
     return x * 2
 
 
@@ -270,7 +275,7 @@ async def test_entries_of_a_dead_owner_are_claimed_at_once_and_expired_leases_to
     fcntl.flock(live, fcntl.LOCK_EX)  # an owner that is alive (its lock is held)
     far = time.time() + 3600
     entries = [
-        ("a1", "dead", far, 1),  # no lock file: its process is gone -> claimed, attempt 2
+        ("a1", "dead", far, 1),  # no lock file: its process is gone -> claimed, recovered
         ("a2", "alive", far, 2),  # alive with a valid lease -> left alone
         ("a3", "alive", time.time() - 1, 3),  # alive but its lease expired -> rescued
     ]
@@ -287,7 +292,11 @@ async def test_entries_of_a_dead_owner_are_claimed_at_once_and_expired_leases_to
             pass
     finally:
         os.close(live)
-    assert sorted((r[1], r[2]) for r in RUNS) == [(1, 2), (3, 2)]
+    assert sorted((r[1], r[2]) for r in RUNS) == [(1, 1), (3, 1)]  # attempts: failures only
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT recoveries FROM taskguard_entries").fetchall() == [(0,)]
+    conn.close()
+    assert RECOVERIES == {1: 1, 3: 1}
     assert [r["id"] for r in rows(db)] == ["a2"]
     assert guard.report.durable is not None
     assert guard.report.durable.resumed == 2
@@ -394,3 +403,30 @@ async def test_a_key_spawned_again_while_its_commit_is_in_flight(
                 tg.start_soon(spawn)
         assert handles[0] is handles[1]
         GATE.setdefault("held", anyio.Event()).set()
+
+
+async def test_an_entry_whose_processes_keep_dying_is_dead_lettered(db: Path) -> None:
+    """Kills do not use up max_attempts (a deploy loop must not dead-letter work),
+    but after MAX_RECOVERIES takeovers the entry is a crash loop: dead-lettered."""
+    from taskguard._journal._manager import MAX_RECOVERIES
+
+    async with TaskGuard(journal=url(db)):
+        pass
+    conn = sqlite3.connect(db)
+    for i, recoveries in (("r1", MAX_RECOVERIES - 1), ("r2", MAX_RECOVERIES)):
+        conn.execute(
+            "INSERT INTO taskguard_entries (id, name, grp, payload, key, attempt, created, owner,"
+            " lease_until, recoveries) VALUES (?, ?, 'default', '{\"x\":5}', NULL, 1, 0,"
+            " 'gone', 9e99, ?)",
+            (i, record.name, recoveries),
+        )
+    conn.commit()
+    conn.close()
+    async with TaskGuard(journal=url(db)) as guard:
+        pass
+    assert [r[1] for r in RUNS] == [5]  # r1 ran (its 99th recovery); r2 did not
+    (dead,) = rows(db, "taskguard_dead")
+    assert dead["id"] == "r2"
+    assert "died 101 times" in dead["error"]
+    assert guard.report.durable is not None
+    assert guard.report.durable.dead_lettered == 1

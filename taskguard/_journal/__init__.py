@@ -46,7 +46,7 @@ class Entry:
     #: the arguments as JSON (the function's pydantic adapter made it)
     payload: str
     key: str | None
-    #: the attempt this entry runs (or ran last) as; 1 for the first
+    #: the attempt this entry runs (or ran last) as: 1 + the failures (exceptions) so far
     attempt: int
     created: float
     #: the process (owner id) that holds it; None when nobody does
@@ -56,6 +56,8 @@ class Entry:
     #: not to run before (unix time): the backoff of a retry
     not_before: float = 0.0
     last_error: str | None = None
+    #: how many times it was taken over from an owner that died (or went silent)
+    recoveries: int = 0
 
 
 @dataclass(slots=True)
@@ -121,7 +123,7 @@ class Journal(Protocol):
         """Take up to ``limit`` entries of the given names that no live process
         holds (no owner, an owner that died, or an expired lease), oldest first:
         they become this owner's, with a fresh lease. An entry taken from an owner
-        that died (rather than one given back) counts one more attempt."""
+        that died (rather than one given back) counts one more recovery."""
 
     async def renew(self) -> None:
         """Extend the lease of every entry this owner holds (the heartbeat)."""

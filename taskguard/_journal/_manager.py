@@ -45,6 +45,9 @@ logger = logging.getLogger("taskguard")
 #: the next are claimed)
 CLAIM_CHUNK = 1000
 MAX_BACKOFF = 60.0
+#: an entry taken over from a dead process this many times is dead-lettered (a task
+#: that kills its process, e.g. by running out of memory, would crash-loop the fleet)
+MAX_RECOVERIES = 100
 COUNTS = ("journaled", "resumed", "completed", "retried", "saved_at_cut", "dead_lettered")
 
 
@@ -292,13 +295,13 @@ class DurableManager:
                 except ValueError as exc:
                     self._dead(task, f"its journaled arguments no longer fit: {exc}")
                     raise
-            if entry.attempt > fn.max_attempts:
-                error = entry.last_error or "the process running it ended during each attempt"
-                self._dead(task, error)
-                raise JournalError(
-                    f"durable task {fn.name} ({entry.id}): {fn.max_attempts} attempts used up: "
-                    f"{error}"
+            if entry.recoveries > MAX_RECOVERIES:
+                error = (
+                    f"the process running it died {entry.recoveries} times (a task that "
+                    "crashes its process?)"
                 )
+                self._dead(task, error)
+                raise JournalError(f"durable task {fn.name} ({entry.id}): {error}")
             while True:
                 if entry.not_before > time.time() and not await self._sleep_until(entry.not_before):
                     await self._leave_for_next_start(task)

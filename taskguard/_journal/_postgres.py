@@ -40,7 +40,8 @@ __all__ = ["PostgresJournal"]
 T = TypeVar("T")
 
 _COLUMNS = (
-    "id, name, grp, payload, key, attempt, created, owner, lease_until, not_before, last_error"
+    "id, name, grp, payload, key, attempt, created, owner, lease_until, not_before, last_error, "
+    "recoveries"
 )
 _DEAD_COLUMNS = "id, name, grp, payload, key, attempts, created, died, error"
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -49,7 +50,8 @@ SELECT pg_advisory_xact_lock(7316920815461251357);
 CREATE TABLE IF NOT EXISTS taskguard_entries (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, grp TEXT NOT NULL, payload TEXT NOT NULL,
     key TEXT UNIQUE, attempt INTEGER NOT NULL, created FLOAT8 NOT NULL, owner TEXT,
-    lease_until FLOAT8 NOT NULL DEFAULT 0, not_before FLOAT8 NOT NULL DEFAULT 0, last_error TEXT
+    lease_until FLOAT8 NOT NULL DEFAULT 0, not_before FLOAT8 NOT NULL DEFAULT 0, last_error TEXT,
+    recoveries INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS taskguard_entries_owner ON taskguard_entries (owner);
 CREATE TABLE IF NOT EXISTS taskguard_dead (
@@ -62,10 +64,11 @@ CREATE TABLE IF NOT EXISTS taskguard_dead (
 _INSERT = f"""
 INSERT INTO taskguard_entries ({_COLUMNS})
 SELECT i, n, g, p, k, a, c, o,
-       CASE WHEN o IS NULL THEN 0 ELSE {_NOW} + %(lease)s END, nb, e
+       CASE WHEN o IS NULL THEN 0 ELSE {_NOW} + %(lease)s END, nb, e, r
 FROM unnest(%(id)s::text[], %(name)s::text[], %(grp)s::text[], %(payload)s::text[],
             %(key)s::text[], %(attempt)s::int[], %(created)s::float8[], %(owner)s::text[],
-            %(not_before)s::float8[], %(error)s::text[]) AS t(i, n, g, p, k, a, c, o, nb, e)
+            %(not_before)s::float8[], %(error)s::text[], %(recoveries)s::int[])
+     AS t(i, n, g, p, k, a, c, o, nb, e, r)
 ON CONFLICT (key) DO NOTHING
 RETURNING key
 """
@@ -192,6 +195,7 @@ class PostgresJournal:
                         "owner": [e.owner for e in ins],
                         "not_before": [e.not_before for e in ins],
                         "error": [e.last_error for e in ins],
+                        "recoveries": [e.recoveries for e in ins],
                     },
                 )
                 taken = {key for (key,) in cur.fetchall()}
@@ -228,7 +232,7 @@ class PostgresJournal:
                     ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
                 UPDATE taskguard_entries AS e
                 SET owner = %(me)s, lease_until = {_NOW} + %(lease)s,
-                    attempt = e.attempt + CASE WHEN e.owner IS NULL THEN 0 ELSE 1 END
+                    recoveries = e.recoveries + CASE WHEN e.owner IS NULL THEN 0 ELSE 1 END
                 FROM picked WHERE e.id = picked.id
                 RETURNING {", ".join("e." + c.strip() for c in _COLUMNS.split(","))}
                 """,
@@ -305,7 +309,7 @@ class PostgresJournal:
                 d = DeadEntry(*row)
                 conn.execute(
                     f"INSERT INTO taskguard_entries ({_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, 1, %s, NULL, 0, 0, %s)",
+                    "VALUES (%s, %s, %s, %s, %s, 1, %s, NULL, 0, 0, %s, 0)",
                     (d.id, d.name, d.group, d.payload, d.key, d.created, d.error),
                 )
         except psycopg.errors.UniqueViolation:

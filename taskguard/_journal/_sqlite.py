@@ -42,14 +42,16 @@ __all__ = ["SqliteJournal", "sqlite_path"]
 T = TypeVar("T")
 
 _COLUMNS = (
-    "id, name, grp, payload, key, attempt, created, owner, lease_until, not_before, last_error"
+    "id, name, grp, payload, key, attempt, created, owner, lease_until, not_before, last_error, "
+    "recoveries"
 )
 _DEAD_COLUMNS = "id, name, grp, payload, key, attempts, created, died, error"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS taskguard_entries (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, grp TEXT NOT NULL, payload TEXT NOT NULL,
     key TEXT UNIQUE, attempt INTEGER NOT NULL, created REAL NOT NULL, owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, last_error TEXT
+    lease_until REAL NOT NULL DEFAULT 0, not_before REAL NOT NULL DEFAULT 0, last_error TEXT,
+    recoveries INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS taskguard_dead (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, grp TEXT NOT NULL, payload TEXT NOT NULL,
@@ -57,7 +59,7 @@ CREATE TABLE IF NOT EXISTS taskguard_dead (
     error TEXT NOT NULL
 ) WITHOUT ROWID;
 """
-_INSERT = f"INSERT INTO taskguard_entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_INSERT = f"INSERT INTO taskguard_entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 _SYNC = {"OFF", "NORMAL", "FULL", "EXTRA"}
 
 
@@ -247,12 +249,13 @@ class SqliteJournal:
             entries = [_entry(r) for r in rows]
             lease_until = time.time() + self._lease
             for e in entries:
-                if e.owner is not None:  # its owner died (or went silent) during the attempt
-                    e.attempt += 1
+                if e.owner is not None:  # its owner died (or went silent) while holding it
+                    e.recoveries += 1
                 e.owner, e.lease_until = self._owner, lease_until
             conn.executemany(
-                "UPDATE taskguard_entries SET owner = ?, lease_until = ?, attempt = ? WHERE id = ?",
-                [(e.owner, lease_until, e.attempt, e.id) for e in entries],
+                "UPDATE taskguard_entries SET owner = ?, lease_until = ?, recoveries = ? "
+                "WHERE id = ?",
+                [(e.owner, lease_until, e.recoveries, e.id) for e in entries],
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -390,4 +393,5 @@ def _row(e: Entry) -> tuple[Any, ...]:
         e.lease_until,
         e.not_before,
         e.last_error,
+        e.recoveries,
     )
