@@ -96,11 +96,15 @@ class Worker:
         return rc
 
 
-def journaled(url: str) -> int:
+def journaled(url: str, dead: bool = False) -> int:
+    """How many entries (or dead letters) the journal holds."""
+
     async def count() -> int:
         journal = open_journal(url)
         await journal.open(None, 30.0)
         try:
+            if dead:
+                return len(await journal.dead_letters(limit=10**9))
             return len(await journal.entries(limit=10**9))
         finally:
             await journal.close()
@@ -172,6 +176,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         "lost_keys": lost[:20],
         "duplicate_effects": effect_rows - effect_keys,
         "left_in_journal": left,
+        "dead_letters": journaled(args.journal, dead=True),
         "elapsed_s": round(time.monotonic() - started, 1),
         "ok": not lost and runs[0] - runs[1] <= rerun_bound and effect_rows == effect_keys,
     }
