@@ -430,3 +430,32 @@ async def test_an_entry_whose_processes_keep_dying_is_dead_lettered(db: Path) ->
     assert "died 101 times" in dead["error"]
     assert guard.report.durable is not None
     assert guard.report.durable.dead_lettered == 1
+
+
+@taskguard.durable(journal_on="cut", group="slow")
+async def cut_slow(x: int) -> None:
+    RUNS.append(("cut_slow", x, 1, None))
+    await anyio.sleep_forever()
+
+
+@taskguard.durable(journal_on="cut", group="bg")
+async def cut_bg(x: int) -> None:
+    RUNS.append(("cut_bg", x, 1, None))
+    await anyio.sleep_forever()
+
+
+async def test_cut_mode_saves_at_a_group_timeout_and_for_a_cancel_group(db: Path) -> None:
+    cfg = GuardConfig(
+        journal=url(db),
+        exit_wait_timeout=5,
+        groups={"slow": {"timeout": 0.1}, "bg": {"on_shutdown": "cancel"}},
+    )
+    async with TaskGuard(cfg) as guard:
+        await cut_slow.spawn(1)
+        await cut_bg.spawn(2)
+        await anyio.sleep(0.05)
+        assert rows(db) == []
+    assert guard.report.duration < 4  # cut at the group timeout, not the exit wait
+    assert guard.report.durable is not None
+    assert guard.report.durable.saved_at_cut == 2
+    assert sorted(r["grp"] for r in rows(db)) == ["bg", "slow"]

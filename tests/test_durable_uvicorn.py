@@ -22,7 +22,7 @@ from servers import running_server
 
 pytestmark = pytest.mark.slow
 
-APP = '''
+APP = """
 import os, sqlite3
 import anyio, anyio.to_thread
 import taskguard
@@ -58,7 +58,7 @@ app = TaskGuardMiddleware(
     config=config,
     readiness_path="/healthz/ready",
 )
-'''
+"""
 
 
 def done(effects: Path) -> dict[str, int]:
