@@ -459,3 +459,22 @@ async def test_cut_mode_saves_at_a_group_timeout_and_for_a_cancel_group(db: Path
     assert guard.report.durable is not None
     assert guard.report.durable.saved_at_cut == 2
     assert sorted(r["grp"] for r in rows(db)) == ["bg", "slow"]
+
+
+def test_import_taskguard_loads_no_journal_code_and_sqlite_loads_no_driver(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, anyio, taskguard
+assert not [m for m in sys.modules if m.startswith(("taskguard._journal", "taskguard._durable"))]
+assert "sqlite3" not in sys.modules
+async def main():
+    async with taskguard.TaskGuard(journal="sqlite:///{tmp_path / "j.db"}"):
+        pass
+anyio.run(main)
+assert "psycopg" not in sys.modules, "the PostgreSQL driver was imported for a SQLite journal"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
