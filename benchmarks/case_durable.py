@@ -216,7 +216,8 @@ def _poll_cost(url: str, held: int = 1000, polls: int = 200) -> list[float]:
         now = time.time()
         await journal.apply(
             Batch(inserts=[Entry(f"p{i:08d}", noop.name, "default", '{"i":0}', None, 1, now,
-                                 owner=f"{os.getpid():016x}") for i in range(held)])
+                                 owner=f"{os.getpid():016x}", lease_until=now + 3600)
+                           for i in range(held)])
         )  # fmt: skip
         other = open_journal(url)
         await other.open(f"{os.getpid() + 1:016x}", 30.0)
