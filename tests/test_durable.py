@@ -408,7 +408,7 @@ async def test_a_key_spawned_again_while_its_commit_is_in_flight(
 async def test_an_entry_whose_processes_keep_dying_is_dead_lettered(db: Path) -> None:
     """Kills do not use up max_attempts (a deploy loop must not dead-letter work),
     but after MAX_RECOVERIES takeovers the entry is a crash loop: dead-lettered."""
-    from taskguard._journal._manager import MAX_RECOVERIES
+    from taskguard._journal._runner import MAX_RECOVERIES
 
     async with TaskGuard(journal=url(db)):
         pass
