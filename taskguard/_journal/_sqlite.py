@@ -170,13 +170,23 @@ class SqliteJournal:
         return await self._call(self._apply, batch)
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> dict[str, Entry]:
-        conflicts: dict[str, Entry] = {}
+        # Rows go in a few multi-row statements, not executemany: sqlite3 releases
+        # the GIL around each statement step, and under a busy event loop every
+        # re-acquisition can wait a switch interval (5 ms), once per row.
         conn.execute("BEGIN IMMEDIATE")
         try:
             # ends first: a key freed by a completion in this batch can be taken again
-            if batch.deletes:
-                conn.executemany(
-                    "DELETE FROM taskguard_entries WHERE id = ?", [(i,) for i in batch.deletes]
+            gone = batch.deletes + [e.id for e, _ in batch.dead]
+            if batch.dead:
+                now = time.time()
+                _insert(conn, "INSERT OR REPLACE INTO taskguard_dead", _DEAD_COLUMNS, [
+                    (e.id, e.name, e.group, e.payload, e.key, e.attempt, e.created, now, err)
+                    for e, err in batch.dead
+                ])  # fmt: skip
+            for chunk in _chunks(gone, _MAX_VARS):
+                conn.execute(
+                    f"DELETE FROM taskguard_entries WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
                 )
             if batch.retries:
                 conn.executemany(
@@ -184,37 +194,27 @@ class SqliteJournal:
                     "WHERE id = ?",
                     [(a, nb, err, i) for i, a, nb, err in batch.retries],
                 )
-            if batch.dead:
-                now = time.time()
-                conn.executemany(
-                    f"INSERT OR REPLACE INTO taskguard_dead ({_DEAD_COLUMNS}) "
-                    "VALUES (?,?,?,?,?,?,?,?,?)",
-                    [
-                        (e.id, e.name, e.group, e.payload, e.key, e.attempt, e.created, now, err)
-                        for e, err in batch.dead
-                    ],
-                )
-                conn.executemany(
-                    "DELETE FROM taskguard_entries WHERE id = ?", [(e.id,) for e, _ in batch.dead]
-                )
-            if batch.releases:
-                conn.executemany(
+            for chunk in _chunks(batch.releases, _MAX_VARS - 1):
+                conn.execute(
                     "UPDATE taskguard_entries SET owner = NULL, lease_until = 0 "
-                    "WHERE id = ? AND owner = ?",
-                    [(i, self._owner) for i in batch.releases],
+                    f"WHERE owner = ? AND id IN ({','.join('?' * len(chunk))})",
+                    [self._owner, *chunk],
                 )
-            plain = [_row(e) for e in batch.inserts if e.key is None]
-            if plain:
-                conn.executemany(_INSERT, plain)
-            for e in batch.inserts:
-                if e.key is not None:
-                    cur = conn.execute(_INSERT + " ON CONFLICT(key) DO NOTHING", _row(e))
-                    if cur.rowcount == 0:
-                        row = conn.execute(
-                            f"SELECT {_COLUMNS} FROM taskguard_entries WHERE key = ?", (e.key,)
-                        ).fetchone()
-                        if row is not None:
-                            conflicts[e.key] = _entry(row)
+            conflicts: dict[str, Entry] = {}
+            if batch.inserts:
+                rows = [_row(e) for e in batch.inserts]
+                _insert(conn, "INSERT INTO taskguard_entries", _COLUMNS, rows,
+                        " ON CONFLICT(key) DO NOTHING")  # fmt: skip
+                keyed = {e.key: e.id for e in batch.inserts if e.key is not None}
+                for chunk in _chunks(list(keyed), _MAX_VARS):
+                    held = conn.execute(
+                        f"SELECT {_COLUMNS} FROM taskguard_entries "
+                        f"WHERE key IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    ).fetchall()
+                    for row in held:  # the key is held by another entry: this one was skipped
+                        if keyed[row[4]] != row[0]:
+                            conflicts[row[4]] = Entry(*row)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -378,6 +378,30 @@ class SqliteJournal:
         n += conn.execute("DELETE FROM taskguard_dead WHERE id = ?", (entry_id,)).rowcount
         conn.execute("COMMIT")
         return n > 0
+
+
+# Bound parameters per statement (SQLite before 3.32 allows 999, later 32,766).
+_MAX_VARS = 32766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+_ROWS_PER_INSERT = 500
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _insert(
+    conn: sqlite3.Connection, head: str, columns: str, rows: list[tuple[Any, ...]], tail: str = ""
+) -> None:
+    """``head (columns) VALUES (...), (...), ...tail``: one statement per chunk of rows."""
+    if not rows:
+        return
+    marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    per = min(_ROWS_PER_INSERT, _MAX_VARS // len(rows[0]))
+    for chunk in _chunks(rows, per):
+        conn.execute(
+            f"{head} ({columns}) VALUES {','.join([marks] * len(chunk))}{tail}",
+            [value for row in chunk for value in row],
+        )
 
 
 def _row(e: Entry) -> tuple[Any, ...]:
