@@ -99,11 +99,16 @@ def durable_demo(quick: bool = False) -> int:
     """Run the demo (see the module docstring); 0 when it checked out."""
     COMPLETED.clear()
     _T0[0] = time.monotonic()
-    logging.getLogger("taskguard").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(prefix="taskguard-durable-demo-") as tmp:
-        url = f"sqlite:///{Path(tmp) / 'journal.db'}"
-        _say(f"journal: {url}")
-        ok = anyio.run(_demo, url, quick)
+    log = logging.getLogger("taskguard")
+    level = log.level
+    log.setLevel(logging.ERROR)  # the demo narrates; the shutdown summaries would repeat it
+    try:
+        with tempfile.TemporaryDirectory(prefix="taskguard-durable-demo-") as tmp:
+            url = f"sqlite:///{Path(tmp) / 'journal.db'}"
+            _say(f"journal: {url}")
+            ok = anyio.run(_demo, url, quick)
+    finally:
+        log.setLevel(level)
     _say("OK: the work cut at the deadline was resumed and completed by the next start"
          if ok else "FAILED: the cut work was not completed by the next start")  # fmt: skip
     return 0 if ok else 1
