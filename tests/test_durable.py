@@ -325,6 +325,16 @@ def test_declaration_errors() -> None:
         taskguard.durable(record.fn)  # type: ignore[arg-type]
 
 
+def test_journal_and_lease_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKGUARD_JOURNAL", "sqlite:///from-env.db")
+    monkeypatch.setenv("TASKGUARD_LEASE_TIMEOUT", "12")
+    cfg = GuardConfig.from_env()
+    assert (cfg.journal, cfg.lease_timeout) == ("sqlite:///from-env.db", 12.0)
+    monkeypatch.setenv("TASKGUARD_JOURNAL", "redis://localhost")
+    with pytest.raises(ValidationError, match="unknown journal URL scheme 'redis'"):
+        GuardConfig.from_env()
+
+
 def test_journal_url_is_validated() -> None:
     with pytest.raises(ValidationError, match="unknown journal URL scheme 'redis'"):
         GuardConfig(journal="redis://localhost/0")
