@@ -40,6 +40,7 @@ CASES = {
     "streams": "benchmarks.case_streams",
     "asgi": "benchmarks.case_asgi",
     "grpc": "benchmarks.case_grpc",
+    "durable": "benchmarks.case_durable",
 }
 PACKAGES = (
     "anyio-taskguard",  # the distribution of the taskguard package

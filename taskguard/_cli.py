@@ -1,4 +1,4 @@
-"""The ``taskguard`` command: ``taskguard run module:function`` and ``taskguard demo``."""
+"""The ``taskguard`` command: ``taskguard run module:function``, ``demo``, ``journal``."""
 
 from __future__ import annotations
 
@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_demo.add_argument("--quick", action="store_true", help="skip the plain-server comparison")
     p_demo.set_defaults(func=_cmd_demo)
+    from ._journal._cli import add_journal_command  # durable: `taskguard journal ...`
+
+    add_journal_command(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

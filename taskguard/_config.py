@@ -194,6 +194,21 @@ class GuardConfig(BaseModel):
     #: the time the platform allows between its exit signal and its hard kill
     #: (Kubernetes' terminationGracePeriodSeconds); checked against the worst case
     grace_period: PositiveSeconds | None = None
+    # durable: the journal of durable tasks (docs/durable.md) and its lease
+    #: where durable tasks are journaled: ``sqlite:///path.db`` or ``postgresql://...``
+    journal: str | None = None
+    #: how long an entry stays held by a process that stopped renewing it
+    #: (a heartbeat renews it every third of this)
+    lease_timeout: PositiveSeconds = 30.0
+
+    @field_validator("journal", mode="before")  # durable:
+    @classmethod
+    def _journal_url(cls, value: object) -> object:
+        if value is None:
+            return None
+        from ._journal import check_url
+
+        return check_url(value)
 
     @field_validator("exit_signals", mode="before")
     @classmethod
@@ -287,3 +302,5 @@ class GuardOptions(TypedDict, total=False):
     groups: Mapping[str, GroupConfig | Mapping[str, Any]]
     error_handler: ErrorHandler | None
     grace_period: float | None
+    journal: str | None
+    lease_timeout: float

@@ -14,7 +14,7 @@ the model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -45,12 +45,14 @@ class Deadlines:
         abandon: Callable[[Group], None],
         log_cut: Callable[[Group], None],
         fault: Callable[[str, BaseException], None],
+        save_cut: Callable[[set[str]], Awaitable[None]],
     ) -> None:
         self._groups = groups
         self._cancel_grace = cancel_grace
         self._abandon = abandon
         self._log_cut = log_cut
         self._fault = fault
+        self._save_cut = save_cut  # journal a group's "cut" durable tasks first
         #: groups whose cancelled tasks must have unwound by then (loop time)
         self._unwind_by: dict[Group, float] = {}
         self._wake = anyio.Event()
@@ -65,7 +67,7 @@ class Deadlines:
         """Enforce the deadlines as they come, until cancelled (the drain is over)."""
         while True:
             try:
-                if self._cut_expired_groups():
+                if await self._cut_expired_groups():
                     await let_cancellations_land()
                 await self._abandon_expired()
                 wake_at = self._next()
@@ -76,7 +78,7 @@ class Deadlines:
             with anyio.move_on_after(max(0.0, wake_at - anyio.current_time())):
                 await self._wake.wait()
 
-    def _cut_expired_groups(self) -> bool:
+    async def _cut_expired_groups(self) -> bool:
         now = anyio.current_time()
         cut = False
         for grp in list(self._groups.values()):
@@ -84,6 +86,7 @@ class Deadlines:
                 continue
             grp.closed = True  # its deadline passed: it takes no new work
             if len(grp):
+                await self._save_cut({grp.name})
                 self._log_cut(grp)
                 grp.cancel_all(cut=True)
                 self.unwind(grp)

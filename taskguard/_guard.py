@@ -30,6 +30,8 @@ from ._streams import GuardedStream, Streams
 if TYPE_CHECKING:
     from typing_extensions import TypeVarTuple, Unpack
 
+    from ._durable import DurableFunction, JournalOn
+    from ._journal._manager import DurableManager
     from ._resources import ResourceKeeper
     from ._watchdog import Watchdog
 
@@ -80,6 +82,8 @@ class TaskGuard:
         self._hooks = Hooks(self.config)
         #: the hard deadline of taskguard.run (set by it), armed at the trigger
         self._watchdog: Watchdog | None = None
+        #: durable tasks: the declarations and the journal (made on first use)
+        self._durable: DurableManager | None = None
         self._new_run()
 
     def _new_run(self) -> None:
@@ -247,6 +251,7 @@ class TaskGuard:
                 self._set_state,
                 on_trigger=self._arm_hard_deadline,
                 on_close=self._closing,
+                durable=lambda: self._durable,
             )
         )
         self._signals.bind(backend.call_soon_threadsafe)
@@ -266,6 +271,14 @@ class TaskGuard:
                 raise RuntimeError(
                     f"taskguard could not install its exit-signal handlers: {exc}"
                 ) from exc
+        if self.config.journal is not None:  # resume durable tasks before the app takes work
+            try:
+                await self._durable_manager().start(self.config.journal)
+            except BaseException as exc:
+                self.shutdown(reason=f"the journal could not be opened: {exc}")
+                await self.wait_closed()
+                _current.leave(self, self._context_token)
+                raise
         return self
 
     async def __aexit__(
@@ -531,6 +544,53 @@ class TaskGuard:
                 self.shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
         except BaseException:
             logger.exception("taskguard: handling the failure of %r failed", handle.name)
+
+    # -- durable tasks ------------------------------------------------------------------
+
+    def _durable_manager(self) -> DurableManager:
+        if self._durable is None:
+            from ._journal._manager import DurableManager
+
+            self._durable = DurableManager(self)
+        return self._durable
+
+    def durable(
+        self,
+        name: str | None = None,
+        *,
+        group: str = "default",
+        max_attempts: int = 5,
+        journal_on: JournalOn = "spawn",
+        backoff: float = 0.5,
+    ) -> Callable[[Callable[..., Coroutine[Any, Any, T]]], DurableFunction[T]]:
+        """Declare an async function a durable task of this guard (see docs/durable.md).
+
+        ``await fn.spawn(*args, key=None, **kwargs)`` journals the call and runs
+        it; entries left by an earlier run are resumed when the guard starts.
+        Needs ``GuardConfig.journal``.
+        """
+        from ._durable import durable
+
+        return durable(
+            name,
+            group=group,
+            max_attempts=max_attempts,
+            journal_on=journal_on,
+            backoff=backoff,
+            guard=self,
+        )
+
+    async def spawn_durable(
+        self, fn: DurableFunction[T], /, *args: Any, key: str | None = None, **kwargs: Any
+    ) -> TaskHandle[T]:
+        """Journal ``fn(*args, **kwargs)`` and run it in its group: the handle comes back
+        once the entry is committed (``journal_on="spawn"``). A ``key`` already
+        journaled gives the handle of the task holding it, not a second task."""
+        from ._durable import DurableFunction
+
+        if not isinstance(fn, DurableFunction):
+            raise TypeError(f"spawn_durable() takes a function declared with @durable, not {fn!r}")
+        return await self._durable_manager().spawn(fn, args, kwargs, key)
 
     # -- guarded sections ------------------------------------------------------------
 

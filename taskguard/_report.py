@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 __all__ = [
+    "DurableReport",
     "GroupReport",
     "GroupStats",
     "GuardStats",
@@ -98,6 +99,25 @@ class StuckTask(_Model):
     stack: str
 
 
+# durable: the counts of durable tasks (taskguard/_journal/_manager.py builds it)
+class DurableReport(_Model):
+    """Durable tasks over the guard's run (present when a journal is configured)."""
+
+    #: the journal URL, without its password
+    journal: str
+    #: entries written ahead at spawn (acknowledged)
+    journaled: int = 0
+    #: entries of an earlier run or a dead process, claimed and run here
+    resumed: int = 0
+    completed: int = 0
+    #: failed attempts that were retried
+    retried: int = 0
+    #: ``journal_on="cut"`` tasks written as the deadline cut them
+    saved_at_cut: int = 0
+    #: moved to the dead-letter table after their last attempt failed
+    dead_lettered: int = 0
+
+
 class ShutdownReport(_Model):
     """What happened during shutdown. ``clean`` is about the shutdown itself."""
 
@@ -118,6 +138,8 @@ class ShutdownReport(_Model):
     #: faults in the shutdown sequence's own bookkeeping (a logging handler or a
     #: trigger callback that raised, ...): the sequence carried on past them
     errors: list[str] = Field(default_factory=list)
+    #: durable tasks, when a journal is configured  # durable:
+    durable: DurableReport | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -167,6 +189,10 @@ class ShutdownReport(_Model):
         for t in self.stuck:
             lines.append(f"  STUCK {t.name} (group {t.group}, running {t.age:.1f}s)")
             lines.extend("    " + ln for ln in t.stack.rstrip().splitlines())
+        if self.durable is not None:  # durable:
+            d = self.durable
+            counts = ", ".join(f"{k}={v}" for k, v in d.model_dump().items() if k != "journal")
+            lines.append(f"  durable ({d.journal}): {counts}")
         lines.extend(f"  warning: {w}" for w in self.warnings)
         lines.extend(f"  ERROR in the shutdown sequence: {e}" for e in self.errors)
         if self.failures:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ._groups import Group
     from ._hooks import Hook, Hooks
     from ._inflight import InFlight
+    from ._journal._manager import DurableManager
     from ._sections import Sections
     from ._streams import Streams
 
@@ -61,6 +62,8 @@ class Run:
     on_trigger: Callable[[], None]
     #: as the guard closes: close the resources, give the signals back
     on_close: Callable[[], None]
+    #: the durable tasks' manager, if the guard has one (it is made on first use)
+    durable: Callable[[], DurableManager | None] = lambda: None
 
 
 class Shutdown:
@@ -128,6 +131,9 @@ class Shutdown:
             self._phase_start = self.started
             await self._step("the drain", self._drain_phase)
             await self._step("the stopping phase", self._stopping_phase)
+            durable = run.durable()
+            if durable is not None:  # write what is pending, give back the leases
+                await self._step("closing the journal", durable.close)
             await self._step("the after_drain hooks", self._after_drain_phase)
         finally:
             if not self.triggered.is_set():  # the event loop is ending under the guard
@@ -183,7 +189,12 @@ class Shutdown:
         run = self.run_parts
         cfg = run.config
         deadlines = Deadlines(
-            run.groups, cfg.cancel_grace, self._abandon_tasks, self._log_cut, self._fault
+            run.groups,
+            cfg.cancel_grace,
+            self._abandon_tasks,
+            self._log_cut,
+            self._fault,
+            self._save_cut,
         )
         async with anyio.create_task_group() as keeper:
             # The deadlines are kept beside the sequence from the trigger on, so a
@@ -197,6 +208,7 @@ class Shutdown:
                 await self._step("the before_drain hooks", self._before_drain)
                 self._end_phase("before_drain")
                 await self._step("ending the streams", self._end_streams)
+                await self._save_cut({g.name for g in run.groups.values() if not g.drains})
                 for grp in list(run.groups.values()):
                     if not grp.drains:
                         grp.cancel_all(cut=False)
@@ -259,6 +271,16 @@ class Shutdown:
         items.sort(key=lambda item: -item[2])
         return items
 
+    async def _save_cut(self, groups: set[str] | None) -> None:
+        """Journal the ``journal_on="cut"`` durable tasks of ``groups`` (all: None)
+        before they are cancelled, so the next start resumes them."""
+        durable = self.run_parts.durable()
+        if durable is not None:
+            try:
+                await durable.save_cut(groups)
+            except Exception as exc:  # the cut goes on: an unsaved task is reported
+                self._fault("saving the cut durable tasks", exc)
+
     def _log_cut(self, grp: Group) -> None:
         self._log(
             logging.WARNING,
@@ -284,6 +306,7 @@ class Shutdown:
                 "exit wait of %gs reached: cancelling what is left",
                 run.config.exit_wait_timeout,
             )
+        await self._save_cut(None)
         for grp in list(run.groups.values()):
             grp.cancel_all(cut=True)
         run.sections.cut_all()
@@ -390,6 +413,7 @@ class Shutdown:
 
     def _report(self) -> ShutdownReport:
         run = self.run_parts
+        durable = run.durable()
         return ShutdownReport(
             trigger=self.reason,
             started_at=self.started_at,
@@ -403,4 +427,5 @@ class Shutdown:
             stuck=self.stuck,
             warnings=list(run.hooks.warnings),
             errors=list(self.errors),
+            durable=None if durable is None else durable.report(),
         )

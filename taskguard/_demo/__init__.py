@@ -358,8 +358,16 @@ async def _demo(quick: bool) -> int:
 
 
 def demo(quick: bool = False) -> int:
-    """Run the demo; 0 when taskguard kept its promises. ``quick`` skips the comparison."""
+    """Run the demo; 0 when taskguard kept its promises. ``quick`` skips the comparison.
+
+    Two parts: the example RPC server through a graceful shutdown (beside a
+    plain grpc.aio server), then durable tasks cut at the deadline and resumed
+    by the next start."""
     if importlib.util.find_spec("grpc") is None:
         print(HINT, file=sys.stderr)
         return 2
-    return asyncio.run(_demo(quick))
+    code = asyncio.run(_demo(quick))
+    from .durable import durable_demo
+
+    print()
+    return code or durable_demo(quick)

@@ -1,0 +1,79 @@
+"""Durable tasks across real processes on one SQLite file: SIGKILL, restart, rescue.
+
+The workers are ``benchmarks/_durable_worker.py`` (the soak's): they print
+``ACK <key>`` once a durable spawn has returned, and each task records its run
+and its once-per-key effect in an effects database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._durable_worker import init_effects  # noqa: E402
+from benchmarks.durable_soak import Worker, parse  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def effects_of(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return {k for (k,) in conn.execute("SELECT key FROM effects")}
+    finally:
+        conn.close()
+
+
+def test_sigkill_soak_loses_no_acknowledged_task(tmp_path: Path) -> None:
+    """A bounded run of the soak: SIGKILLed at random moments, restarted."""
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.durable_soak", "--cycles", "6", "--seed", "15",
+         "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["acked"] > 0, out.stderr
+    assert result["lost"] == 0, result
+    assert result["reruns"] <= result["rerun_bound"], result
+    assert result["duplicate_effects"] == 0, result
+    assert result["left_in_journal"] == 0, result
+    assert out.returncode == 0, result
+
+
+def test_a_live_process_rescues_the_entries_of_a_killed_one_before_the_lease_expires(
+    tmp_path: Path,
+) -> None:
+    """Two processes on one SQLite file (as ``uvicorn --workers 2``): one acknowledges
+    tasks that stall there and is SIGKILLed; the other, still running, takes them
+    over through the dead owner's released lock, long before the 60 s lease."""
+    effects = tmp_path / "effects.db"
+    init_effects(str(effects))
+    args = parse(["--journal", f"sqlite:///{tmp_path / 'journal.db'}", "--lease", "60"])
+    rescuer = Worker(args, effects, "rescuer", spawn=False)
+    victim = Worker(args, effects, "victim", spawn=True, env={"SOAK_STALL": "1"})
+    try:
+        assert rescuer.ready.wait(30)
+        deadline = time.monotonic() + 30
+        while len(victim.acked) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        victim.kill()
+        acked = set(victim.acked)
+        assert len(acked) >= 5
+        assert not acked & effects_of(effects)  # none finished in the stalled process
+        killed = time.monotonic()
+        while not acked <= effects_of(effects) and time.monotonic() - killed < 20:
+            time.sleep(0.1)
+        assert acked <= effects_of(effects), "the live process did not rescue them"
+        assert time.monotonic() - killed < 20  # far below the lease: liveness, not expiry
+    finally:
+        rescuer.stop()
+        victim.kill()
