@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._config import GroupConfig
+from ._config import GroupConfig, GuardConfig
 from ._coroutines import release
+from ._exceptions import NotStartedError, ShuttingDownError
 from ._handle import CANCELLED, COMPLETED, FAILED, TaskHandle
-from ._report import GroupReport, GroupStats
+from ._report import GroupReport, GroupStats, State
 
 if TYPE_CHECKING:
     from ._backends import Backend
     from ._inflight import InFlight
 
-__all__ = ["Group"]
+__all__ = ["Group", "Groups"]
+
+logger = logging.getLogger("taskguard")
 
 #: Tasks that shutdown gave up on and that still run (they ignored their
 #: cancellation). Strong references, so they are never garbage collected
@@ -217,9 +222,97 @@ class Group:
         )
 
 
-def _not_started(handle: TaskHandle[Any]) -> None:
-    from ._exceptions import NotStartedError
+class Groups(dict[str, Group]):
+    """The groups of one guard run, by name (a dict: spawn looks a group up on every
+    call), made on first use and bound to the run; what a spawn into one is told
+    once the guard no longer takes all work; what a failure of one's task does."""
 
+    def __init__(self, config: GuardConfig, request_shutdown: Callable[[str], None]) -> None:
+        super().__init__()
+        self._config = config
+        self._request_shutdown = request_shutdown
+        self._backend: Backend | None = None
+        self._inflight: InFlight | None = None
+        #: sets a new group's drain deadline once the shutdown has started
+        self._deadline_of: Callable[[Group], None] | None = None
+
+    def bind(self, backend: Backend, inflight: InFlight) -> None:
+        """The run started: every group made so far (refused spawns) and from now on
+        starts its tasks on ``backend`` and counts them in ``inflight``."""
+        self._backend, self._inflight = backend, inflight
+        for grp in self.values():
+            grp.bind(backend, inflight, self.failed)
+
+    def triggered(self, deadline_of: Callable[[Group], None]) -> None:
+        """The shutdown started: drain deadlines count from now, for later groups too."""
+        self._deadline_of = deadline_of
+        for grp in self.values():
+            deadline_of(grp)
+
+    def make(self, name: str) -> Group:
+        """The group called ``name``, made (with its configuration) if it is new."""
+        grp = self.get(name)
+        if grp is not None:
+            return grp
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a group name is a non-empty str, not {name!r}")
+        grp = self[name] = Group(name, self._config.group(name))
+        if self._backend is not None and self._inflight is not None:
+            grp.bind(self._backend, self._inflight, self.failed)
+        if self._deadline_of is not None:
+            self._deadline_of(grp)
+        return grp
+
+    def refuse(self, grp: Group, state: State) -> None:
+        """A spawn into ``grp`` while the guard is not running: return if the group
+        still takes it (a drain group during the drain, before its timeout), else
+        count the refusal and raise why."""
+        if state is State.DRAINING and grp.drains and not grp.closed:
+            assert self._backend is not None
+            if self._backend.time() < grp.deadline:
+                return
+            grp.closed = True  # its timeout passed (checked here too: the loop may be busy)
+        grp.refused += 1
+        if state is State.IDLE:
+            raise NotStartedError(
+                "spawn() before the guard started: enter it with `async with guard:` "
+                "(or use taskguard.run / the ASGI middleware)"
+            )
+        if state is not State.DRAINING:
+            why = "every group"
+        elif grp.drains:
+            why = "its drain timeout was reached"
+        else:
+            why = "a cancel group"
+        raise ShuttingDownError(
+            f"spawn() refused: the guard is {state.value} and group {grp.name!r} takes no new "
+            f"work ({why})"
+        )
+
+    def failed(self, handle: TaskHandle[Any]) -> None:
+        """A background task failed: log it, hand it to the error_handler, and shut
+        down if its group says so. Never raises (it runs inside the failed task)."""
+        exc = handle._exc
+        try:
+            logger.error(
+                "background task %r (group %r) failed", handle.name, handle.group, exc_info=exc
+            )
+            handler = self._config.error_handler
+            if handler is not None and exc is not None:
+                try:
+                    result = handler(exc, handle)
+                    if asyncio.iscoroutine(result):
+                        result.close()
+                        raise TypeError("error_handler must be a plain function, not async")
+                except BaseException:  # the handler's bug must not break the bookkeeping
+                    logger.exception("the error_handler raised while handling %r", handle.name)
+            if handle._group.config.on_error == "shutdown":
+                self._request_shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
+        except BaseException:
+            logger.exception("taskguard: handling the failure of %r failed", handle.name)
+
+
+def _not_started(handle: TaskHandle[Any]) -> None:
     raise NotStartedError("the guard has not started")
 
 

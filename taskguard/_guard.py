@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterable, Callable, Coroutine, Mapping
@@ -16,7 +15,7 @@ from . import _coroutines, _current
 from ._backends import Backend, current_backend
 from ._config import GuardConfig, GuardOptions, check_name, check_seconds
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
-from ._groups import Group
+from ._groups import Groups
 from ._guarded import Guarded
 from ._handle import TaskHandle
 from ._hooks import STAGES, Hook, Hooks, Stage, hook_name
@@ -88,7 +87,7 @@ class TaskGuard:
 
     def _new_run(self) -> None:
         """The parts of one run, fresh (the first, or again after the guard closed)."""
-        self._groups: dict[str, Group] = {}
+        self._groups = Groups(self.config, self._shutdown_on_failure)
         self._inflight = InFlight()
         self._sections: Sections | None = None  # made at start: they need the backend
         self._streams: Streams | None = None
@@ -98,7 +97,7 @@ class TaskGuard:
         self._shutdown: Shutdown | None = None
         self._system_tasks: list[object] = []
         self._context_token: Any = None
-        self._signals = ExitSignals(self._on_signal, None, self._arm_hard_deadline, self._die)
+        self._signals = ExitSignals(self._on_signal, self._arm_hard_deadline, self._left)
 
     def __repr__(self) -> str:
         return f"<TaskGuard state={self._state.value} live={self._inflight.count}>"
@@ -235,10 +234,9 @@ class TaskGuard:
         self._sections = Sections(inflight, backend, self._refuse_section)
         self._streams = Streams(inflight)
         for name in self.config.groups:
-            self._group(name)
-        self._group("default")
-        for grp in self._groups.values():  # made before the start (refused spawns)
-            grp.bind(backend, inflight, self._task_failed)
+            self._groups.make(name)
+        self._groups.make("default")
+        self._groups.bind(backend, inflight)
         shutdown = self._shutdown = Shutdown(
             Run(
                 self.config,
@@ -380,29 +378,9 @@ class TaskGuard:
         if self._watchdog is not None:
             self._watchdog.arm()
 
-    def _budget(self) -> float:
-        """The longest the shutdown sequence may take, from its trigger."""
-        cfg = self.config
-        return cfg.exit_wait_timeout + cfg.cancel_grace + self._hooks.worst_case()
-
-    def _die(self, signum: int) -> None:
-        from ._watchdog import hard_exit
-
-        hard_exit(f"third exit signal ({signame(signum)})", 128 + int(signum), self._left)
-
     def _left(self) -> list[str]:
-        """What still runs, and what was given up on, for the hard deadline's log."""
-        shutdown = self._shutdown
-        if shutdown is None:
-            return []
-        lines = [
-            f"  still running: {name} ({where}) for {age:.1f}s"
-            for name, where, age in shutdown.outstanding()
-        ]
-        for item in shutdown.stuck:
-            lines.append(f"  stuck: {item.name} ({item.group}) for {item.age:.1f}s")
-            lines.extend("    " + ln for ln in item.stack.rstrip().splitlines())
-        return lines
+        """What still runs, and what was given up on (for a hard exit's log)."""
+        return [] if self._shutdown is None else self._shutdown.describe_left()
 
     # -- spawning ------------------------------------------------------------------
 
@@ -439,14 +417,14 @@ class TaskGuard:
                 check_name(name)
             grp = self._groups.get(group)
             if grp is None:
-                grp = self._new_group(group)
+                grp = self._groups.make(group)
             if threading.get_ident() != self._thread_id and self._state is not State.IDLE:
                 raise RuntimeError(
                     "spawn() was called from a worker thread; call it on the event loop, e.g. "
                     "anyio.from_thread.run_sync(guard.spawn, fn)"
                 )
             if self._state is not _RUNNING:
-                self._check_intake(grp)
+                self._groups.refuse(grp, self._state)
         except BaseException:
             _coroutines.close_refused(fn)
             raise
@@ -485,65 +463,10 @@ class TaskGuard:
             grp.submit(handle)
         return handle
 
-    def _new_group(self, name: str) -> Group:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"a group name is a non-empty str, not {name!r}")
-        return self._group(name)
-
-    def _group(self, name: str) -> Group:
-        grp = self._groups.get(name)
-        if grp is None:
-            grp = self._groups[name] = Group(name, self.config.group(name))
-            if self._backend is not None:
-                grp.bind(self._backend, self._inflight, self._task_failed)
-            if self._shutdown is not None and self._shutdown.triggered.is_set():
-                self._shutdown.set_group_deadline(grp)
-        return grp
-
-    def _check_intake(self, grp: Group) -> None:
-        state = self._state
-        if state is _DRAINING and grp.drains and not grp.closed:
-            assert self._backend is not None
-            if self._backend.time() < grp.deadline:
-                return
-            grp.closed = True  # its timeout passed (checked here too: the loop may be busy)
-        grp.refused += 1
-        if state is State.IDLE:
-            raise NotStartedError(
-                "spawn() before the guard started: enter it with `async with guard:` "
-                "(or use taskguard.run / the ASGI middleware)"
-            )
-        if state is not _DRAINING:
-            why = "every group"
-        elif grp.drains:
-            why = "its drain timeout was reached"
-        else:
-            why = "a cancel group"
-        raise ShuttingDownError(
-            f"spawn() refused: the guard is {state.value} and group {grp.name!r} takes no new "
-            f"work ({why})"
-        )
-
-    def _task_failed(self, handle: TaskHandle[Any]) -> None:
-        """Log a background failure, hand it to the error_handler; never raises."""
-        exc = handle._exc
-        try:
-            logger.error(
-                "background task %r (group %r) failed", handle.name, handle.group, exc_info=exc
-            )
-            handler = self.config.error_handler
-            if handler is not None and exc is not None:
-                try:
-                    result = handler(exc, handle)
-                    if asyncio.iscoroutine(result):
-                        result.close()
-                        raise TypeError("error_handler must be a plain function, not async")
-                except BaseException:  # the handler's bug must not break the bookkeeping
-                    logger.exception("the error_handler raised while handling %r", handle.name)
-            if handle._group.config.on_error == "shutdown" and self._state is _RUNNING:
-                self.shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
-        except BaseException:
-            logger.exception("taskguard: handling the failure of %r failed", handle.name)
+    def _shutdown_on_failure(self, reason: str) -> None:
+        """A task of an ``on_error="shutdown"`` group failed."""
+        if self._state is _RUNNING:
+            self.shutdown(reason)
 
     # -- durable tasks ------------------------------------------------------------------
 

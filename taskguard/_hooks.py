@@ -135,11 +135,17 @@ class Hooks:
             for hook in self._hooks
         )
 
+    def budget(self) -> float:
+        """The longest a shutdown sequence may take, from its trigger: the exit wait,
+        the cancel grace and the hooks' worst case (fixed at the trigger)."""
+        cfg = self._config
+        return cfg.exit_wait_timeout + cfg.cancel_grace + self.worst_case()
+
     def _check_grace_period(self) -> None:
         cfg = self._config
         if cfg.grace_period is None:
             return
-        worst = cfg.exit_wait_timeout + cfg.cancel_grace + self.worst_case()
+        worst = self.budget()
         if worst > cfg.grace_period:
             msg = (
                 f"grace_period {cfg.grace_period:g}s is shorter than the worst-case shutdown "

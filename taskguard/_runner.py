@@ -69,7 +69,7 @@ def run(
             lines.append("  worker thread still running: " + describe_thread(thread))
         return lines
 
-    watchdog = guard._watchdog = Watchdog(guard._budget, left)
+    watchdog = guard._watchdog = Watchdog(guard._hooks.budget, left)
 
     async def entry() -> None:
         async with guard:

@@ -31,7 +31,7 @@ from ._report import HookReport, ShutdownReport, State, StuckTask
 
 if TYPE_CHECKING:
     from ._backends import Backend
-    from ._groups import Group
+    from ._groups import Group, Groups
     from ._hooks import Hook, Hooks
     from ._inflight import InFlight
     from ._journal._manager import DurableManager
@@ -52,7 +52,7 @@ class Run:
 
     config: GuardConfig
     backend: Backend
-    groups: dict[str, Group]
+    groups: Groups
     inflight: InFlight
     sections: Sections
     streams: Streams
@@ -102,9 +102,8 @@ class Shutdown:
             self.started_at = datetime.now(timezone.utc)
             cfg = run.config
             self.deadline = self.started + cfg.exit_wait_timeout
-            self.budget_end = self.deadline + cfg.cancel_grace + run.hooks.worst_case()
-            for grp in run.groups.values():
-                self.set_group_deadline(grp)
+            self.budget_end = self.started + run.hooks.budget()
+            run.groups.triggered(self.set_group_deadline)
             run.set_state(State.DRAINING)
             self.triggered.set()
             try:
@@ -257,6 +256,17 @@ class Shutdown:
             desc or "-",
             self.deadline - now,
         )
+
+    def describe_left(self) -> list[str]:
+        """What still runs, and what was given up on, with stacks (a hard exit's log)."""
+        lines = [
+            f"  still running: {name} ({where}) for {age:.1f}s"
+            for name, where, age in self.outstanding()
+        ]
+        for item in self.stuck:
+            lines.append(f"  stuck: {item.name} ({item.group}) for {item.age:.1f}s")
+            lines.extend("    " + ln for ln in item.stack.rstrip().splitlines())
+        return lines
 
     def outstanding(self) -> list[tuple[str, str, float]]:
         """What still runs as (name, where, age), the oldest first."""

@@ -39,22 +39,21 @@ class ExitSignals:
     middleware's handlers chained in front of a server's, a test's
     ``simulate_signal``. It is safe in a signal handler and from any thread.
     The guard passes what to do: ``act(signum, count)`` runs on the loop (shut
-    down, then force), ``arm()`` arms the hard deadline, ``die(signum)`` ends
-    the process at the third signal.
+    down, then force), ``arm()`` arms the hard deadline, and ``describe()`` lists
+    what still runs for the log of the third signal, which ends the process.
     """
 
     def __init__(
         self,
         act: Callable[[int, int], None],
-        call_soon: Callable[[Callable[[], object]], None] | None,
         arm: Callable[[], None],
-        die: Callable[[int], None],
+        describe: Callable[[], list[str]],
     ) -> None:
         self.count = 0  # don't modify directly: receive() is the one writer
         self._act = act
-        self._call_soon = call_soon
+        self._call_soon: Callable[[Callable[[], object]], None] | None = None
         self._arm = arm
-        self._die = die
+        self._describe = describe
         self._previous: dict[int, Handler] = {}
         self._installed = False
         self._forward_only = False
@@ -64,11 +63,14 @@ class ExitSignals:
         self._call_soon = call_soon
 
     def receive(self, signum: int) -> None:
+        if self._forward_only:  # the guard closed (or was never started): not its signal
+            return
         self.count += 1
         count = self.count
         if count >= 3:
-            self._die(signum)
-            return
+            from ._watchdog import hard_exit
+
+            hard_exit(f"third exit signal ({signame(signum)})", 128 + signum, self._describe)
         if count == 1:
             self._arm()
         call_soon = self._call_soon
@@ -112,12 +114,11 @@ class ExitSignals:
         self._act = _ignore_act
         self._call_soon = None
         self._arm = _nothing
-        self._die = _ignore_signum
+        self._describe = _no_lines
         self._forward_only = True
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if not self._forward_only:
-            self.receive(signum)
+        self.receive(signum)
         previous = self._previous.get(signum)
         # Another guard's handler below ours (a guard inside a guard): the signal
         # is for the whole process, so it gets it too. Other handlers (the
@@ -138,5 +139,5 @@ def _nothing() -> None:
     pass
 
 
-def _ignore_signum(signum: int) -> None:
-    pass
+def _no_lines() -> list[str]:
+    return []
