@@ -10,34 +10,58 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import Coroutine
 from types import CoroutineType
 from typing import Any
 
 __all__ = ["close_refused", "coroutine_of", "release", "take"]
 
-#: ids of coroutine objects handed to spawn() whose task has not ended: the same
-#: object spawned twice before its first run would otherwise run in two tasks
-_TAKEN: set[int] = set()
+#: coroutine objects handed to spawn() whose task has not ended (the handle holds
+#: them until then anyway): the same object spawned twice before its first run
+#: would otherwise run in two tasks
+_TAKEN: set[Any] = set()
 
 
-def take(coro: Any) -> Coroutine[Any, Any, Any]:
-    """Take over a coroutine object given to ``spawn`` (released when its task ends)."""
-    if inspect.getcoroutinestate(coro) != inspect.CORO_CREATED or id(coro) in _TAKEN:
-        # not closed here: it is someone else's (a task runs it, or it is done)
-        raise TypeError(
-            f"spawn() got a coroutine object that was already awaited or spawned "
-            f"({getattr(coro, '__qualname__', coro)!r}); a coroutine runs once: pass the "
-            "async function and its arguments, spawn(fn, *args), to start it again"
-        )
-    _TAKEN.add(id(coro))
-    return coro  # type: ignore[no-any-return]
+if sys.version_info >= (3, 11):
+
+    def _ran(coro: Any) -> bool:
+        """Whether the coroutine ran already (it is suspended, running or closed)."""
+        return bool(coro.cr_suspended or coro.cr_running or coro.cr_frame is None)
+
+    def take(coro: Any) -> Coroutine[Any, Any, Any]:
+        """Take over a coroutine object given to ``spawn`` (released when its task ends)."""
+        # (the checks inline: this is on the path of every spawn(coro))
+        if coro in _TAKEN or coro.cr_suspended or coro.cr_running or coro.cr_frame is None:
+            _refuse_reused(coro)
+        _TAKEN.add(coro)
+        return coro  # type: ignore[no-any-return]
+
+else:  # pragma: no cover - no cr_suspended before 3.11
+
+    def _ran(coro: Any) -> bool:
+        return inspect.getcoroutinestate(coro) != inspect.CORO_CREATED
+
+    def take(coro: Any) -> Coroutine[Any, Any, Any]:
+        if coro in _TAKEN or _ran(coro):
+            _refuse_reused(coro)
+        _TAKEN.add(coro)
+        return coro  # type: ignore[no-any-return]
+
+
+def _refuse_reused(coro: Any) -> None:
+    # not closed here: it is someone else's (a task runs it, or it is done)
+    raise TypeError(
+        f"spawn() got a coroutine object that was already awaited or spawned "
+        f"({getattr(coro, '__qualname__', coro)!r}); a coroutine runs once: pass the "
+        "async function and its arguments, spawn(fn, *args), to start it again"
+    )
 
 
 def release(coro: object) -> None:
     """The task of a taken-over coroutine ended (or never started)."""
     if _TAKEN:
-        _TAKEN.discard(id(coro))
+        _TAKEN.discard(coro)
 
 
 def coroutine_of(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
@@ -76,9 +100,5 @@ def checked(fn: Any, coro: Any) -> Coroutine[Any, Any, Any]:
 
 def close_refused(fn: object) -> None:
     """Close a fresh coroutine object that spawn refuses (no "never awaited" warning)."""
-    if (
-        type(fn) is CoroutineType
-        and id(fn) not in _TAKEN
-        and inspect.getcoroutinestate(fn) == inspect.CORO_CREATED
-    ):
+    if type(fn) is CoroutineType and fn not in _TAKEN and not _ran(fn):
         fn.close()

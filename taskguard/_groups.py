@@ -98,11 +98,12 @@ class Group:
     def __len__(self) -> int:
         return len(self.running) + len(self.pending)
 
+    def _emptied(self) -> None:
+        if not self.running and not self.pending and self.inflight is not None:
+            self.inflight.emptied()
+
     def submit(self, handle: TaskHandle[Any]) -> None:
         """Start ``handle`` now, or queue it when the group is at its limit."""
-        inflight = self.inflight
-        assert inflight is not None
-        inflight.add()  # first: an eager task may end inside the start
         if self.limit is not None and len(self.running) >= self.limit:
             self.pending.append(handle)
             return
@@ -117,8 +118,7 @@ class Group:
         """Undo the accounting of a task whose start raised (e.g. a task factory
         that failed, a loop that is closing): it never ran, spawn() raises."""
         self.running.pop(handle, None)
-        assert self.inflight is not None
-        self.inflight.done()
+        self._emptied()
         release(handle._coro)
         handle._coro.close()  # no "coroutine was never awaited" warning
 
@@ -142,8 +142,8 @@ class Group:
             self.failed += 1
         if self.pending:
             self._start_pending()
-        assert self.inflight is not None
-        self.inflight.done()
+        elif not self.running:
+            self._emptied()
         if state is FAILED:  # last: the bookkeeping above is done whatever the handler does
             self._on_failure(handle)
 
@@ -186,8 +186,7 @@ class Group:
         self.abandoned.add(handle)
         _ABANDONED.add(handle)
         self.stuck += 1
-        assert self.inflight is not None
-        self.inflight.done()
+        self._emptied()
         handle._abandoned()
 
     def cancel_all(self, cut: bool) -> None:
@@ -238,10 +237,15 @@ class Groups(dict[str, Group]):
 
     def bind(self, backend: Backend, inflight: InFlight) -> None:
         """The run started: every group made so far (refused spawns) and from now on
-        starts its tasks on ``backend`` and counts them in ``inflight``."""
+        starts its tasks on ``backend``; the drain asks them what is in flight."""
         self._backend, self._inflight = backend, inflight
+        inflight.watch(self.busy)
         for grp in self.values():
             grp.bind(backend, inflight, self.failed)
+
+    def busy(self) -> bool:
+        """Whether a group has a running or pending task (abandoned ones are not)."""
+        return any(grp.running or grp.pending for grp in self.values())
 
     def triggered(self, deadline_of: Callable[[Group], None]) -> None:
         """The shutdown started: drain deadlines count from now, for later groups too."""

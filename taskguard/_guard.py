@@ -100,7 +100,7 @@ class TaskGuard:
         self._signals = ExitSignals(self._on_signal, self._arm_hard_deadline, self._left)
 
     def __repr__(self) -> str:
-        return f"<TaskGuard state={self._state.value} live={self._inflight.count}>"
+        return f"<TaskGuard state={self._state.value} idle={self._inflight.idle()}>"
 
     # -- state ---------------------------------------------------------------------
 
@@ -452,8 +452,7 @@ class TaskGuard:
             )
         handle: TaskHandle[Any] = TaskHandle(grp, coro, name)
         if grp.limit is None:  # Group.submit's common case, inlined: spawn is on every request
-            grp.running[handle] = None
-            self._inflight.add()  # before the start: an eager task may end inside it
+            grp.running[handle] = None  # before the start: an eager task may end inside it
             try:
                 grp.start(handle)
             except BaseException:

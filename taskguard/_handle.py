@@ -146,7 +146,7 @@ class TaskHandle(Generic[T]):
         self._task = None  # drop the task: its frame may hold large locals
         self._scope = None
         if _TAKEN:  # a coroutine object handed to spawn(): it may be spawned again now
-            _TAKEN.discard(id(self._coro))
+            _TAKEN.discard(self._coro)
         self._group.task_done(self)
         if self._event is not None:
             self._event.set()

@@ -1,11 +1,16 @@
-"""The in-flight count: what the drain waits for, and its wake-up.
+"""What the drain waits for, and its wake-up.
 
-Running and pending tasks, open async ``guarded()`` sections and streams the
-drain holds each count one. Worker-thread sections are counted apart (by the
-sections, under a lock) and wake the drain through :meth:`InFlight.poke`.
+Each part of a run keeps its own record of the work in flight — a group its
+running and pending tasks, the sections their open sections, the streams the
+ones the drain holds — and no one keeps a count beside them (a count written
+from five modules once drifted from the truth). :class:`InFlight` asks the
+parts whether anything is left, and wakes the waiting supervisor when a part
+that just emptied was the last one busy.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import anyio
 
@@ -13,30 +18,33 @@ __all__ = ["InFlight"]
 
 
 class InFlight:
-    """The live count of one guard run, and the event that wakes the drain.
+    """The drain's view of one guard run: idle when no part has work in flight.
 
-    This is the only writer of ``count`` (don't modify it directly): groups,
-    sections and streams call :meth:`add` and :meth:`done`. The supervisor arms
-    a fresh event with :meth:`arm` before each wait; ``done`` sets it when the
-    count drops to zero, :meth:`poke` sets it for any other reason to look again
-    (a forced shutdown, the last thread section closing, a deadline passing).
+    Parts register a ``busy()`` question with :meth:`watch` and call
+    :meth:`emptied` when their own record of work in flight becomes empty (a
+    cheap call: it does nothing unless the supervisor waits). The supervisor
+    arms a fresh event with :meth:`arm` before each wait; :meth:`poke` wakes it
+    for any other reason to look again (a forced shutdown, a thread section
+    closing on another thread, a deadline).
     """
 
-    __slots__ = ("_wake", "count")
+    __slots__ = ("_parts", "_wake")
 
     def __init__(self) -> None:
-        self.count = 0
+        self._parts: list[Callable[[], bool]] = []
         self._wake: anyio.Event | None = None  # None until the shutdown starts waiting
 
-    def __repr__(self) -> str:
-        return f"<InFlight count={self.count}>"
+    def watch(self, busy: Callable[[], bool]) -> None:
+        """Count ``busy()`` (true while the part has work in flight) in :meth:`idle`."""
+        self._parts.append(busy)
 
-    def add(self) -> None:
-        self.count += 1
+    def idle(self) -> bool:
+        return not any(busy() for busy in self._parts)
 
-    def done(self) -> None:
-        self.count -= 1
-        if not self.count and self._wake is not None:
+    def emptied(self) -> None:
+        """A part's work in flight just became empty: wake the supervisor if it
+        waits and nothing else is left (on the loop thread)."""
+        if self._wake is not None and self.idle():
             self._wake.set()
 
     def arm(self) -> anyio.Event:

@@ -20,9 +20,9 @@ __all__ = ["Sections"]
 
 
 class Sections:
-    """Async sections count in the in-flight count like tasks (the drain waits
-    for both); worker-thread sections are kept apart under a lock, and the last
-    one to close wakes the drain through the loop.
+    """The drain waits for open sections like for tasks. Worker-thread sections
+    are kept apart under a lock; the last one to close wakes the drain through
+    the loop.
 
     ``accepting`` is set by the guard as its state changes: new sections are
     taken while running and draining, refused from stopping on (``refuse``
@@ -63,6 +63,7 @@ class Sections:
         self.threads: dict[Guarded, None] = {}  # worker-thread sections, under _lock
         self._lock = threading.Lock()
         self._counts = Counter[str]()
+        inflight.watch(self.busy)
 
     # -- async sections (on the loop thread) ----------------------------------------
 
@@ -70,16 +71,21 @@ class Sections:
         if not self.accepting:
             self.refuse(section.name)
         self.open[section] = None
-        self._inflight.add()
 
     def exit(self, section: Guarded, cancelled: bool) -> None:
-        if self.open.pop(section, 0) is not None:
+        open_ = self.open
+        if open_.pop(section, 0) is not None:
             return  # already accounted (abandoned as stuck)
         if section._cut:
             self._counts["cut"] += 1
         else:
             self._counts["cancelled" if cancelled else "completed"] += 1
-        self._inflight.done()
+        if not open_:
+            self._inflight.emptied()
+
+    def busy(self) -> bool:
+        """Whether a section is open (async, or in a worker thread)."""
+        return bool(self.open or self.threads)
 
     def holds(self, task: object) -> bool:
         """Whether ``task`` holds an open async section."""
@@ -109,15 +115,11 @@ class Sections:
             empty = not self.threads
         if empty:
             if threading.get_ident() == self.thread_id:
-                self._inflight.poke()
+                self._inflight.emptied()
             else:
-                self._backend.call_soon_threadsafe(self._inflight.poke)
+                self._backend.call_soon_threadsafe(self._inflight.emptied)
 
     # -- for the shutdown -------------------------------------------------------------
-
-    def idle(self) -> bool:
-        """No worker-thread section is open (async ones are in the in-flight count)."""
-        return not self.threads
 
     def outstanding(self) -> list[tuple[str, str, float]]:
         """Open sections as (name, where, age), for progress logs."""

@@ -169,8 +169,7 @@ class Shutdown:
         self._phase_start = now
 
     def _idle(self) -> bool:
-        run = self.run_parts
-        return not run.inflight.count and run.sections.idle()
+        return self.run_parts.inflight.idle()
 
     async def _sleep_until(self, when: float) -> None:
         """Sleep until ``when`` (loop time, at most the exit wait), cut short by force."""
@@ -245,10 +244,9 @@ class Shutdown:
                 await wake.wait()
 
     def _log_progress(self, now: float) -> None:
-        oldest = self.outstanding()[:5]
-        desc = ", ".join(f"{name} ({where}) {age:.1f}s" for name, where, age in oldest)
-        run = self.run_parts
-        left = run.inflight.count + len(run.sections.threads)
+        items = self.outstanding()
+        desc = ", ".join(f"{name} ({where}) {age:.1f}s" for name, where, age in items[:5])
+        left = len(items) + sum(len(grp.pending) for grp in self.run_parts.groups.values())
         self._log(
             logging.INFO,
             "draining: %d left, oldest: %s; %.1fs to the deadline",

@@ -89,7 +89,7 @@ class _Tracked:
     __slots__ = ("held", "ref")
 
     def __init__(self, stream: GuardedStream[Any], streams: Streams) -> None:
-        self.held = False  # counted in the in-flight count: the drain waits for it to close
+        self.held = False  # the drain waits for it to close
         self.ref = weakref.ref(stream, lambda _: streams.release(self, StreamOutcome.STOPPED))
 
     def interrupt(self) -> None:
@@ -101,14 +101,17 @@ class _Tracked:
 class Streams:
     """The open streams of one guard run (held weakly), and how the others ended."""
 
-    __slots__ = ("_inflight", "ended", "open", "outcomes")
+    __slots__ = ("_inflight", "ended", "held", "open", "outcomes")
 
     def __init__(self, inflight: InFlight) -> None:
         self._inflight = inflight
         self.open: dict[_Tracked, None] = {}
+        #: streams ended from outside whose consumer still unwinds: the drain waits
+        self.held = 0
         self.outcomes = Counter[str]()
         #: set once the supervisor ended the open streams: later ones start ended
         self.ended = False
+        inflight.watch(lambda: self.held > 0)
 
     def track(self, stream: GuardedStream[Any]) -> _Tracked:
         tracked = _Tracked(stream, self)
@@ -120,7 +123,7 @@ class Streams:
         drain waits for it to close, so the report counts its outcome."""
         if not tracked.held and tracked in self.open:
             tracked.held = True
-            self._inflight.add()
+            self.held += 1
 
     def release(self, tracked: _Tracked, outcome: StreamOutcome) -> None:
         if self.open.pop(tracked, 0) is not None:
@@ -128,7 +131,9 @@ class Streams:
         self.outcomes[outcome.value] += 1
         if tracked.held:
             tracked.held = False
-            self._inflight.done()
+            self.held -= 1
+            if not self.held:
+                self._inflight.emptied()
 
     def interrupt_all(self) -> None:
         """End every open stream (the shutdown reached them)."""
