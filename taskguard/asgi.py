@@ -9,22 +9,15 @@ arrives. See docs/asgi.md.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-
+from ._asgi_http import Request, StreamControl, respond
 from ._asgi_lifespan import Lifespan, SignalChain
 from ._config import GuardConfig
-from ._exceptions import ShuttingDownError
 from ._guard import TaskGuard
-from ._guarded import _is_cancellation
 from ._report import State
-from ._streams import GuardedStream, StreamOutcome
 
 try:  # only for the annotation FastAPI reads to inject the request
     from starlette.requests import HTTPConnection
@@ -40,46 +33,9 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-#: bytes, or a function of the number of body chunks fully sent (the resume point)
-FinalMessage = bytes | str | Callable[[int], bytes | str]
 
-_DISCONNECT: Message = {"type": "http.disconnect"}
-_ENDS_WITH_FINAL = {StreamOutcome.INTERRUPTED, StreamOutcome.EXPIRED, StreamOutcome.STOPPED}
-
-
-class StreamControl:
-    """Per-request settings and state of a streaming response, found in the scope.
-
-    Get it with :func:`stream_control` (``Depends(stream_control)`` in FastAPI).
-    Set ``final_message`` (bytes, or a function of the number of chunks sent)
-    to end a stream cut by shutdown, ``max_duration`` or :meth:`stop` cleanly
-    with that last chunk (e.g. an SSE event carrying the resume point) instead
-    of aborting it. ``streaming`` overrides the detection (a response without a
-    Content-Length header is a stream).
-    """
-
-    __slots__ = ("final_message", "guard", "send_timeout", "stream", "streaming")
-
-    def __init__(self, guard: TaskGuard, send_timeout: float | None) -> None:
-        self.guard = guard
-        self.final_message: FinalMessage | None = None
-        self.streaming: bool | None = None
-        self.send_timeout = send_timeout
-        self.stream: GuardedStream[Message] | None = None
-
-    @property
-    def outcome(self) -> StreamOutcome | None:
-        return None if self.stream is None else self.stream.outcome
-
-    @property
-    def sent(self) -> int:
-        """Body chunks fully sent so far (the resume point)."""
-        return 0 if self.stream is None else self.stream.sent
-
-    def stop(self) -> None:
-        """End the stream now (outcome ``stopped``; the final message, if any, is sent)."""
-        if self.stream is not None:
-            self.stream.stop()
+_RUNNING = State.RUNNING
+_DRAINING = State.DRAINING
 
 
 def stream_control(request: HTTPConnection) -> StreamControl:
@@ -162,10 +118,12 @@ class TaskGuardMiddleware:
                 b"true" if ok else b"false",
                 guard.state.value.encode(),
             )
-            await _respond(send, 200 if ok else 503, body, b"application/json")
+            await respond(send, 200 if ok else 503, body, b"application/json")
             return
         state = guard.state
-        if state is State.IDLE:
+        if state is _RUNNING or state is _DRAINING:
+            await Request(self, guard, scope, receive, send).run()
+        elif state is State.IDLE:
             if not self._warned_idle:
                 self._warned_idle = True
                 logger.warning(
@@ -173,333 +131,5 @@ class TaskGuardMiddleware:
                     "ASGI lifespan?): requests are not guarded"
                 )
             await self.app(scope, receive, send)
-            return
-        if state is not State.RUNNING and state is not State.DRAINING:
-            await _respond(send, 503, b"shutting down", b"text/plain", close=True)
-            return
-        control = StreamControl(guard, self.send_timeout)
-        scope = {**scope, "extensions": {**(scope.get("extensions") or {}), "taskguard": control}}
-        await _Request(self, control, scope, receive, send).run()
-
-
-class _Request:
-    """One HTTP request: the app in its own cancel scope and, once the response
-    turns out to be a stream, its body pumped through a GuardedStream and a
-    watcher for the client's disconnect.
-
-    A plain response costs one cancel scope and this object: everything a
-    stream needs (channel, event, lock, helper tasks) is made when the stream
-    starts. The helpers are tasks of the guard's backend, not children of a
-    per-request task group: a task group per request cost more than the rest
-    of the middleware together (its exit is a checkpoint, i.e. one more trip
-    through the event loop for every request).
-    """
-
-    __slots__ = (
-        "app_scope",
-        "channel",
-        "channel_out",
-        "control",
-        "disconnected",
-        "helpers",
-        "mw",
-        "pending",
-        "pump_done",
-        "real_receive",
-        "real_send",
-        "receive_lock",
-        "scope",
-    )
-
-    def __init__(
-        self,
-        mw: TaskGuardMiddleware,
-        control: StreamControl,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-    ) -> None:
-        self.mw, self.control, self.scope = mw, control, scope
-        self.real_receive, self.real_send = receive, send
-        self.app_scope = control.guard.backend.cancel_scope()
-        self.channel: MemoryObjectSendStream[Message] | None = None
-        self.channel_out: MemoryObjectReceiveStream[Message] | None = None
-        self.pump_done: anyio.Event | None = None
-        self.receive_lock: anyio.Lock | None = None
-        # running helper tasks by their cancel scope; each removes itself when it
-        # ends (on trio every chunk is sent from a helper of its own)
-        self.helpers: dict[anyio.CancelScope, object] = {}
-        self.pending: list[Message] = []
-        self.disconnected = False
-
-    async def run(self) -> None:
-        # The request is a guarded section whose cancel scope is the app's own:
-        # the guard cuts it at the deadline, the pump when a stream ends early.
-        guard = self.control.guard
-        section = guard.open_section(
-            f"{self.scope.get('method', '')} {self.scope.get('path', '')}", self.app_scope
-        )
-        cancelled = False
-        try:
-            await self._run()
-        except BaseException as exc:
-            cancelled = _is_cancellation(exc)
-            raise
-        finally:
-            if self.channel is not None:  # e.g. the server cancelled the request mid-stream
-                self._stop_helpers()
-            section.close(cancelled)
-        stream = self.control.stream
-        if section.cut and (
-            self.app_scope.cancelled_caught
-            or (stream is not None and stream.outcome is not StreamOutcome.COMPLETED)
-        ):
-            # As `async with guard.guarded()` does: the code after it (here the
-            # server) must not take the request for complete.
-            raise ShuttingDownError(f"request {section.name!r} was cut at the shutdown deadline")
-
-    async def _run(self) -> None:
-        app_error: Exception | None = None
-        with self.app_scope:
-            try:
-                await self.mw.app(self.scope, self.receive, self.send)
-            except Exception as exc:
-                app_error = exc
-        if self.channel is None:  # a plain response: nothing more to do
-            if app_error is not None:
-                raise app_error
-            return
-        try:
-            self.channel.close()  # the app is done: the source ends after the last chunk
-            assert self.pump_done is not None
-            await self.pump_done.wait()
-        finally:
-            self._stop_helpers()
-        stream = self.control.stream
-        assert stream is not None
-        if stream.outcome is not StreamOutcome.COMPLETED:
-            await self._end(stream)
-        elif app_error is not None:
-            raise app_error  # not a consequence of our cut: the server reports it
-
-    # -- what the app sees ---------------------------------------------------------
-
-    async def receive(self) -> Message:
-        if self.pending:
-            return self.pending.pop(0)
-        if self.disconnected:
-            return dict(_DISCONNECT)
-        lock = self.receive_lock
-        if lock is None:  # no stream (yet): the app is the only reader
-            message = await self.real_receive()
-        else:
-            async with lock:  # one reader of the server's receive at a time
-                if self.pending:
-                    return self.pending.pop(0)
-                message = await self.real_receive()
-        self._saw(message)
-        return message
-
-    def _saw(self, message: Message) -> None:
-        if message["type"] == "http.disconnect" and not self.disconnected:
-            self.disconnected = True
-            if self.control.stream is not None:
-                self.control.stream.disconnected()
-
-    async def send(self, message: Message) -> None:
-        channel = self.channel
-        if channel is not None:
-            stream = self.control.stream
-            if stream is not None and stream.outcome is None:
-                try:
-                    await channel.send(message)
-                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    pass  # the stream ended meanwhile; the app is being cancelled
-                if message["type"] == "http.response.body" and not message.get("more_body"):
-                    # Complete: what the app does next (e.g. Starlette's background
-                    # tasks) is no longer part of the stream.
-                    channel.close()
-            return  # the stream ended: nothing more is sent
-        if message["type"] == "http.response.start" and self._is_stream(message):
-            await self._send_timed(message)
-            self._start_stream()
-            return
-        await self.real_send(message)
-
-    def _is_stream(self, start: Message) -> bool:
-        if self.control.streaming is not None:
-            return self.control.streaming
-        return not any(k.lower() == b"content-length" for k, _ in start.get("headers") or ())
-
-    # -- streaming -----------------------------------------------------------------
-
-    def _start_stream(self) -> None:
-        send_ch, recv_ch = anyio.create_memory_object_stream[Message](0)
-        self.channel, self.channel_out = send_ch, recv_ch
-        self.pump_done = anyio.Event()
-        # From here on the watcher reads the server's receive too. A read the
-        # app started before (Starlette's disconnect listener) is not under the
-        # lock: whichever of the two gets the disconnect reports it, and the
-        # other read ends when the request does.
-        self.receive_lock = anyio.Lock()
-        stream = self.control.guard.stream(
-            _messages(recv_ch),
-            name=f"{self.scope.get('method', '')} {self.scope.get('path', '')}",
-            send_timeout=self.control.send_timeout,
-            max_duration=self.mw.max_duration,
-        )
-        self.control.stream = stream
-        if self.control.guard.backend.send_in_task:
-            pump = functools.partial(self._pump, stream, self._send_in_task)
-        else:
-            pump = functools.partial(self._pump, stream, self.real_send)
-        self._helper(pump, "taskguard-asgi-pump")
-        self._helper(self._watch_disconnect, "taskguard-asgi-disconnect")
-
-    def _helper(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
-        """Run ``fn`` in a task of its own that the request cancels as it ends."""
-        scope = anyio.CancelScope()
-
-        async def run() -> None:
-            try:
-                with scope:
-                    try:
-                        await fn()
-                    except Exception:  # a helper's failure must not end the loop (trio)
-                        logger.exception("%s of %r failed", name, self.control.stream)
-            finally:
-                self.helpers.pop(scope, None)
-
-        # A strong reference while it runs.
-        self.helpers[scope] = self.control.guard.backend.start_system_task(run, name=name)
-
-    def _stop_helpers(self) -> None:
-        """End the stream if it is still open, close its channel, and cancel the
-        helper tasks (the pump, the disconnect watcher, a send the server shields)."""
-        stream = self.control.stream
-        if stream is not None and stream.outcome is None:
-            stream.stop()
-        if self.channel is not None:
-            self.channel.close()
-        for scope in list(self.helpers):
-            scope.cancel()
-
-    async def _pump(self, stream: GuardedStream[Message], send: Send) -> None:
-        try:
-            await stream.pump(send)
-        except Exception:
-            logger.exception("streaming response %r failed", stream.name)
-        finally:
-            assert self.pump_done is not None
-            self.pump_done.set()
-            if self.channel_out is not None:
-                self.channel_out.close()
-            if stream.outcome is not StreamOutcome.COMPLETED:
-                self.app_scope.cancel()  # stop the producer at once
-
-    async def _send_in_task(self, message: Message) -> None:
-        """Send from a task of its own, so that a send the server shields from
-        cancellation (hypercorn's trio worker does) cannot hold the pump: on a
-        stall the pump and the producer stop; the send ends with the connection."""
-        done = anyio.Event()
-        failure: list[BaseException] = []
-
-        async def run() -> None:
-            try:
-                await self.real_send(message)
-            except Exception as exc:
-                failure.append(exc)
-            finally:
-                done.set()
-
-        self._helper(run, "taskguard-asgi-send")
-        try:
-            await done.wait()
-        except anyio.get_cancelled_exc_class():
-            if done.is_set() and not failure:
-                # Delivered before the cut reached this wait: it counts in the
-                # resume point (trio raises the cut again at the next checkpoint).
-                return
-            raise
-        if failure:
-            raise failure[0]
-
-    async def _watch_disconnect(self) -> None:
-        """Read the server's receive while the app does not, to see a disconnect."""
-        lock = self.receive_lock
-        assert lock is not None
-        while not self.disconnected:
-            if self.pending and self.pending[-1].get("more_body"):
-                # The app has not read the request body yet: do not buffer it all.
-                await anyio.sleep(0.05)
-                continue
-            async with lock:
-                message = await self.real_receive()
-            if message["type"] == "http.disconnect":
-                self._saw(message)
-            else:
-                self.pending.append(message)
-
-    async def _send_timed(self, message: Message) -> bool:
-        timeout = self.control.send_timeout
-        # Never beyond the exit wait: the final message is sent shielded.
-        limit = min(timeout if timeout is not None else math.inf, self.control.guard.remaining())
-        try:
-            with anyio.move_on_after(limit) as scope:
-                await self.real_send(message)
-        except OSError:
-            return False
-        return not scope.cancelled_caught
-
-    async def _end(self, stream: GuardedStream[Message]) -> None:
-        """The stream was cut: end the body with the final message, or abort it."""
-        final = self.control.final_message
-        if final is not None and stream.outcome in _ENDS_WITH_FINAL and not self.disconnected:
-            data = final(stream.sent) if callable(final) else final
-            body = data.encode() if isinstance(data, str) else data
-            last = {"type": "http.response.body", "body": b"", "more_body": False}
-            chunk = {"type": "http.response.body", "body": body, "more_body": True}
-            with anyio.CancelScope(shield=True):
-                if await self._send_timed(chunk) and await self._send_timed(last):
-                    return
-                _abort_connection(self.real_send)
-                return
-        # Abort: send nothing more. The server closes the connection after the
-        # app returns, so the client sees an incomplete (unterminated) body.
-        if stream.outcome is StreamOutcome.STALLED:
-            _abort_connection(self.real_send)
-
-
-def _abort_connection(send: Send) -> None:
-    """Reset the connection of a client that stopped reading (best effort).
-
-    ASGI has no message for it. After an incomplete response, uvicorn closes
-    the connection gracefully, i.e. only after its write buffer is flushed:
-    for a client that never reads, never, and uvicorn's shutdown waits for the
-    connection forever. Its ``send`` is a method of an object holding the
-    asyncio transport: abort that. Other servers are left to close it
-    (hypercorn bounds it with its graceful_timeout).
-    """
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    abort = getattr(transport, "abort", None)
-    if callable(abort):
-        try:
-            abort()
-        except Exception:  # pragma: no cover - a closed transport
-            pass
-
-
-async def _messages(channel: MemoryObjectReceiveStream[Message]) -> Any:
-    async with channel:
-        async for message in channel:
-            yield message
-
-
-async def _respond(
-    send: Send, status: int, body: bytes, content_type: bytes, close: bool = False
-) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+        else:  # the drain is over: come back elsewhere
+            await respond(send, 503, b"shutting down", b"text/plain", close=True)
