@@ -1,6 +1,8 @@
 """The Starlette app of the ASGI cases, as uvicorn factories (``--factory``).
 
-``make_plain``: the app alone; ``make_guarded``: the same app wrapped in
+``make_plain``: the app alone; ``make_noop``: the app behind a pure-ASGI
+middleware that does nothing (the floor any middleware costs: one more call
+per request and per message); ``make_guarded``: the same app wrapped in
 ``TaskGuardMiddleware`` (imported only there, so the plain app runs even when
 ``taskguard.asgi`` is missing).
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -48,6 +51,18 @@ def _app() -> Starlette:
 
 def make_plain() -> Starlette:
     return _app()
+
+
+class _Noop:
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def make_noop() -> object:
+    return _Noop(_app())
 
 
 def make_guarded() -> object:

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._exceptions import StreamError
 from ._guarded import _is_cancellation
 from ._report import State
-from ._streams import DISCONNECT_ERRORS, GuardedStream, StreamOutcome
+from ._streams import GuardedStream, StreamOutcome
 
 if TYPE_CHECKING:
     from ._guard import TaskGuard
@@ -50,6 +50,7 @@ _RUNNING = State.RUNNING
 _COMPLETED = StreamOutcome.COMPLETED
 _ENDS_WITH_FINAL = {StreamOutcome.INTERRUPTED, StreamOutcome.EXPIRED, StreamOutcome.STOPPED}
 _NO_BODY_STATUS = (204, 304)
+_BODY_MESSAGES = ("http.response.body", "http.response.zerocopysend", "http.response.pathsend")
 _KEY = "taskguard"  # the request's key in scope["extensions"]
 
 
@@ -147,7 +148,7 @@ class Request(StreamControl):
             raise
         finally:
             if self.pipe is not None:
-                self.pipe.stop()
+                await self.pipe.close()
             section.close(cancelled)
         if section.cut:  # at the deadline: whatever the app raised, the cut caused it
             await self._after_cut()
@@ -237,15 +238,26 @@ def _with_connection_close(start: Message, scope: Scope) -> Message:
     return {**start, "headers": headers}
 
 
-class _Out:
-    """A message on its way to the server, and word of its delivery for the app."""
+class _Slot:
+    """The source of a stream's :class:`GuardedStream`: the body chunk the app is
+    sending now. The app's own task takes it from the stream and sends it, so
+    the stream counts it, times it and cuts it, with no task in between."""
 
-    __slots__ = ("done", "error", "message")
+    __slots__ = ("error", "message")
 
-    def __init__(self, message: Message) -> None:
-        self.message = message
-        self.done = anyio.Event()
-        self.error: Exception | None = None
+    def __init__(self) -> None:
+        self.message: Message | None = None
+        self.error: BaseException | None = None
+
+    def __aiter__(self) -> _Slot:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self.error is not None:
+            raise _AppFailed(f"the app raised {self.error!r}")
+        if self.message is None:
+            raise StopAsyncIteration
+        return self.message
 
 
 class _AppFailed(Exception):
@@ -253,59 +265,58 @@ class _AppFailed(Exception):
 
 
 class _Pipe:
-    """A streaming response. The app's messages go one at a time to a pump task,
-    which sends them under a :class:`GuardedStream` (shutdown, disconnect,
-    stall, ``max_duration``); the app's ``send()`` returns once the server's
-    ``send()`` has. A watcher reads the server's ``receive`` while the app does
-    not, to see the client leave. Both are tasks of the guard's backend, not
-    children of a per-request task group, which would cost a trip through the
-    event loop on every request.
+    """A streaming response. Each body chunk is sent from the app's task under a
+    :class:`GuardedStream` (send timeout, shutdown, disconnect, ``max_duration``),
+    so the app's ``send()`` returns when the server's has; other messages
+    (trailers, ...) go straight to the server, in order. A keeper task holds the
+    stream open (``async with``): when the stream is ended from outside, it
+    cancels the app. Meanwhile it reads the server's ``receive`` while the app
+    does not, to see the client leave, until the response is complete. It is a
+    task of the guard's backend, not a child of a per-request task group, which
+    would cost a trip through the event loop on every request.
     """
 
     __slots__ = (
-        "app_error",
         "body_done",
         "closing",
+        "deliver",
         "disconnected",
         "done",
         "drained",
         "helpers",
-        "inbox",
         "lock",
-        "outbox",
         "pending",
-        "pump_done",
         "req",
+        "slot",
         "stream",
         "trailers",
-        "watcher",
+        "watching",
     )
 
     def __init__(self, req: Request, start: Message) -> None:
         self.req = req
         self.trailers = bool(start.get("trailers", False))
         self.body_done = False  # the last body chunk went out; trailers are to follow
-        self.closing = False  # the message completing the response is handed over
+        self.closing = False  # the message completing the response is being sent
         self.done = False  # ... and the server took it
         self.disconnected = False
-        self.app_error: Exception | None = None
-        self.outbox, self.inbox = anyio.create_memory_object_stream[_Out](1)
-        self.pump_done = anyio.Event()
         self.lock = anyio.Lock()  # one reader of the server's receive at a time
         self.pending: list[Message] = []  # read by the watcher, not yet by the app
         self.drained: anyio.Event | None = None
-        # running helper tasks by their cancel scope; each removes itself when it ends
-        self.helpers: dict[anyio.CancelScope, object] = {}
+        self.slot = _Slot()
         guard = req.guard
         self.stream = req.stream = guard.stream(
-            self._messages(self.inbox),
+            self.slot,
             name=req.name,
             send_timeout=req.send_timeout,
             max_duration=req.mw.max_duration,
-            raise_on_end=True,
         )
-        self._helper(self._pump, "taskguard-asgi-pump")
-        self.watcher = self._helper(self._watch, "taskguard-asgi-disconnect")
+        backend = guard.backend
+        self.deliver = self._deliver_in_task if backend.send_in_task else req.real_send
+        # running helper tasks by their cancel scope; each removes itself when it ends
+        self.helpers: dict[anyio.CancelScope, object] = {}
+        self.watching = anyio.CancelScope()
+        self._helper(self._keep, "taskguard-asgi-stream")
 
     # -- the app's side --------------------------------------------------------------
 
@@ -313,39 +324,37 @@ class _Pipe:
         if self.done:  # after the response: the server decides (it refuses, as it would)
             await self.req.real_send(message)
             return
-        if self.stream.outcome is not None or self.closing:
+        stream = self.stream
+        if stream.outcome is not None or self.closing:
             return  # the stream was cut: nothing more is sent
-        final = self._completes(message)
+        kind = message["type"]
+        if kind in _BODY_MESSAGES:
+            final = kind == "http.response.pathsend" or not message.get("more_body", False)
+            if final and self.trailers:
+                self.body_done, final = True, False
+        else:  # no body: nothing to time or count (e.g. trailers, debug info)
+            final = kind == "http.response.trailers" and not message.get("more_trailers", False)
         if final:
             self.closing = True
-            self.watcher.cancel()  # what the server says from now on is the app's to read
-        out = _Out(message)
-        try:
-            self.outbox.send_nowait(out)
-        except anyio.WouldBlock:  # another task of the app is sending too: take turns
-            await self.outbox.send(out)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return  # the stream ended meanwhile; the app is being cancelled
-        await out.done.wait()
+            self.watching.cancel()  # what the server says from now on is the app's to read
+        if kind in _BODY_MESSAGES:
+            self.slot.message = message
+            try:
+                await stream.__anext__()  # the chunk, as the stream's next item
+                await stream.send(self.deliver, message)
+            except (StopAsyncIteration, StreamError):  # the stream ended: stop the app
+                self.req.app_scope.cancel()
+                await anyio.lowlevel.checkpoint()
+                return
+            finally:
+                self.slot.message = None
+        else:
+            await self.req.real_send(message)
         if final:
             self.done = True
-            self.outbox.close()  # the stream completes
-        if out.error is not None:
-            raise out.error
-
-    def _completes(self, message: Message) -> bool:
-        kind = message["type"]
-        if kind == "http.response.trailers":
-            return not message.get("more_trailers", False)
-        if kind == "http.response.pathsend" or (
-            kind in ("http.response.body", "http.response.zerocopysend")
-            and not message.get("more_body", False)
-        ):
-            if self.trailers:
-                self.body_done = True
-                return False
-            return True
-        return False
+            with suppress(StopAsyncIteration):
+                await stream.__anext__()  # no more: the stream completes
+            self.stop()
 
     async def receive(self) -> Message:
         if not self._news():
@@ -375,7 +384,7 @@ class _Pipe:
 
     # -- helper tasks ----------------------------------------------------------------
 
-    def _helper(self, fn: Callable[[], Awaitable[None]], name: str) -> anyio.CancelScope:
+    def _helper(self, fn: Callable[[], Awaitable[None]], name: str) -> None:
         """Run ``fn`` in a task of its own that the request cancels as it ends."""
         scope = anyio.CancelScope()
 
@@ -391,48 +400,41 @@ class _Pipe:
 
         # A strong reference while it runs.
         self.helpers[scope] = self.req.guard.backend.start_system_task(run, name=name)
-        return scope
 
-    async def _messages(self, inbox: MemoryObjectReceiveStream[_Out]) -> AsyncIterator[_Out]:
-        async with inbox:
-            async for out in inbox:
-                yield out
-        if self.app_error is not None and not self.done:
-            raise _AppFailed(f"the app raised {self.app_error!r}")
+    async def _keep(self) -> None:
+        async with self.stream:
+            with self.watching:
+                await self._watch()
+            await anyio.sleep_forever()
+        # Only reached when the stream was ended from outside (shutdown, stop(),
+        # max_duration, a disconnect): the producer stops at once.
+        self.req.app_scope.cancel()
 
-    async def _pump(self) -> None:
-        stream = self.stream
-        deliver = self._deliver_in_task if self.req.guard.backend.send_in_task else self._deliver
-        try:
-            await stream.pump(deliver)
-        except (StreamError, _AppFailed):
-            pass  # how it ended is the stream's outcome; the app's error is the server's to log
-        finally:
-            self.pump_done.set()
-            self.inbox.close()
-            if stream.outcome is not _COMPLETED:
-                self.req.app_scope.cancel()  # stop the producer at once
+    async def _watch(self) -> None:
+        """Read the server's receive while the app does not, to see a disconnect."""
+        while True:
+            if self.pending and self.pending[-1].get("more_body"):
+                # The app has not read the request body yet: do not buffer it all.
+                drained = self.drained = anyio.Event()
+                await drained.wait()
+                continue
+            async with self.lock:
+                message = await self.req.real_receive()
+            if message["type"] == "http.disconnect":
+                self.saw_disconnect()
+                return
+            self.pending.append(message)
 
-    async def _deliver(self, out: _Out) -> None:
-        try:
-            await self.req.real_send(out.message)
-        except DISCONNECT_ERRORS:
-            raise  # the client is gone: the stream ends as disconnected
-        except Exception as exc:
-            out.error = exc  # the server refused the message: the app gets the error
-        finally:
-            out.done.set()
-
-    async def _deliver_in_task(self, out: _Out) -> None:
-        """Deliver from a task of its own, so that a send the server shields from
-        cancellation (hypercorn's trio worker does) cannot hold the pump: on a
-        stall the pump and the producer stop; the send ends with the connection."""
+    async def _deliver_in_task(self, message: Message) -> None:
+        """Send from a task of its own, so that a send the server shields from
+        cancellation (hypercorn's trio worker does) cannot hold the producer: on a
+        stall the producer stops; the send ends with the connection."""
         sent = anyio.Event()
         failure: list[BaseException] = []
 
         async def run() -> None:
             try:
-                await self._deliver(out)
+                await self.req.real_send(message)
             except Exception as exc:
                 failure.append(exc)
             finally:
@@ -450,40 +452,30 @@ class _Pipe:
         if failure:
             raise failure[0]
 
-    async def _watch(self) -> None:
-        """Read the server's receive while the app does not, to see a disconnect."""
-        while True:
-            if self.pending and self.pending[-1].get("more_body"):
-                # The app has not read the request body yet: do not buffer it all.
-                drained = self.drained = anyio.Event()
-                await drained.wait()
-                continue
-            async with self.lock:
-                message = await self.req.real_receive()
-            if message["type"] == "http.disconnect":
-                self.saw_disconnect()
-                return
-            self.pending.append(message)
-
     # -- the end -----------------------------------------------------------------------
 
     def stop(self) -> None:
-        """End the stream if it is still open and cancel the helper tasks
-        (the pump, the disconnect watcher, a send the server shields)."""
-        if self.stream.outcome is None:
-            self.stream.stop()
-        self.outbox.close()
+        """Cancel the helper tasks (the keeper, a send the server shields)."""
         for scope in list(self.helpers):
             scope.cancel()
 
-    async def finish(self, app_error: Exception | None) -> Exception | None:
-        """After the app returned (or raised ``app_error``): let the pump finish, end
-        a cut stream; the app's error if it is the server's to report."""
-        self.app_error = app_error
-        self.outbox.close()  # the source ends after the last message
-        await self.pump_done.wait()
+    async def close(self) -> None:
+        """However the request ended (the server may have cancelled it): the stream is
+        closed, and counted, and the helpers stop."""
+        if self.stream.outcome is None:
+            await self.stream.aclose()  # no checkpoint in it: fine while being cancelled
         self.stop()
-        outcome = self.stream.outcome
+
+    async def finish(self, app_error: Exception | None) -> Exception | None:
+        """After the app returned (or raised ``app_error``): end the stream, and a
+        cut one on the wire; the app's error if it is the server's to report."""
+        stream = self.stream
+        if stream.outcome is None:  # the app ended before its response did
+            self.slot.error = app_error
+            with suppress(StopAsyncIteration, _AppFailed):
+                await stream.__anext__()  # completed, failed, or how it was cut meanwhile
+        self.stop()
+        outcome = stream.outcome
         if outcome is _COMPLETED or outcome is StreamOutcome.FAILED:
             return app_error  # not a consequence of a cut of ours
         await self._end(outcome)
@@ -494,15 +486,14 @@ class _Pipe:
         req = self.req
         final = req.final_message
         if final is not None and outcome in _ENDS_WITH_FINAL and not self.disconnected:
+            messages: list[Message] = []
             if not self.body_done:
                 data = final(self.stream.sent) if callable(final) else final
                 body = data.encode() if isinstance(data, str) else data
-                messages = [
+                messages += [
                     {"type": "http.response.body", "body": body, "more_body": True},
                     {"type": "http.response.body", "body": b"", "more_body": False},
                 ]
-            else:
-                messages = []
             if self.trailers:
                 messages.append({"type": "http.response.trailers", "headers": []})
             with anyio.CancelScope(shield=True):
