@@ -2,7 +2,9 @@
 
 ``make_plain``: the app alone; ``make_noop``: the app behind a pure-ASGI
 middleware that does nothing (the floor any middleware costs: one more call
-per request and per message); ``make_guarded``: the same app wrapped in
+per request); ``make_scoped``: the no-op middleware plus one anyio cancel
+scope per request (the floor of a middleware that can cut requests);
+``make_guarded``: the same app wrapped in
 ``TaskGuardMiddleware`` (imported only there, so the plain app runs even when
 ``taskguard.asgi`` is missing).
 """
@@ -63,6 +65,21 @@ class _Noop:
 
 def make_noop() -> object:
     return _Noop(_app())
+
+
+class _Scoped(_Noop):
+    """The no-op middleware with one anyio cancel scope around each request: the
+    least a middleware pays to be able to cut a request without piercing the
+    app's own shielded scopes (what TaskGuardMiddleware does, minus its
+    bookkeeping)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        with anyio.CancelScope():
+            await self.app(scope, receive, send)
+
+
+def make_scoped() -> object:
+    return _Scoped(_app())
 
 
 def make_guarded() -> object:

@@ -13,11 +13,10 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Literal
 
-from ._asgi_http import Request, StreamControl, respond
+from ._asgi_http import StreamControl, serve
 from ._asgi_lifespan import Lifespan, SignalChain
 from ._config import GuardConfig
 from ._guard import TaskGuard
-from ._report import State
 
 try:  # only for the annotation FastAPI reads to inject the request
     from starlette.requests import HTTPConnection
@@ -33,9 +32,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_RUNNING = State.RUNNING
-_DRAINING = State.DRAINING
 
 
 def stream_control(request: HTTPConnection) -> StreamControl:
@@ -104,32 +100,17 @@ class TaskGuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            await serve(self, scope, receive, send)
         elif kind == "lifespan":
             await Lifespan(self, scope, receive, send).run()
         else:  # websockets pass through untouched
             await self.app(scope, receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guard = self.guard
-        if self.readiness_path is not None and scope["path"] == self.readiness_path:
-            ok = guard.ready
-            body = b'{"ready":%s,"state":"%s"}' % (
-                b"true" if ok else b"false",
-                guard.state.value.encode(),
+    def warn_unguarded(self) -> None:
+        """Warn (once) that requests pass through unguarded: the guard is not running."""
+        if not self._warned_idle:
+            self._warned_idle = True
+            logger.warning(
+                "TaskGuardMiddleware: the guard is not running (the server did not run the "
+                "ASGI lifespan?): requests are not guarded"
             )
-            await respond(send, 200 if ok else 503, body, b"application/json")
-            return
-        state = guard.state
-        if state is _RUNNING or state is _DRAINING:
-            await Request(self, guard, scope, receive, send).run()
-        elif state is State.IDLE:
-            if not self._warned_idle:
-                self._warned_idle = True
-                logger.warning(
-                    "TaskGuardMiddleware: the guard is not running (the server did not run the "
-                    "ASGI lifespan?): requests are not guarded"
-                )
-            await self.app(scope, receive, send)
-        else:  # the drain is over: come back elsewhere
-            await respond(send, 503, b"shutting down", b"text/plain", close=True)
