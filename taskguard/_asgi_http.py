@@ -47,6 +47,7 @@ _RUNNING = State.RUNNING
 _DRAINING = State.DRAINING
 _NO_BODY_STATUS = (204, 304)
 _KEY = "taskguard"  # the request's key in scope["extensions"]
+_HTTP1 = ("1.1", "1.0")  # HTTP/2 and 3 forbid the Connection header
 
 
 class StreamControl:
@@ -104,7 +105,7 @@ async def serve(mw: TaskGuardMiddleware, scope: Scope, receive: Receive, send: S
             mw.warn_unguarded()
             await mw.app(scope, receive, send)
         else:  # the drain is over: come back elsewhere
-            await respond(send, 503, b"shutting down", b"text/plain", close=True)
+            await respond(send, 503, b"shutting down", b"text/plain", refused=scope)
         return
     request = Request(mw, guard, scope, receive, send)
     extensions = scope.get("extensions")
@@ -218,7 +219,9 @@ class Request(StreamControl):
             )
             with anyio.move_on_after(self.send_timeout or math.inf):
                 try:
-                    await respond(self.real_send, 503, b"shutting down", b"text/plain", close=True)
+                    await respond(
+                        self.real_send, 503, b"shutting down", b"text/plain", refused=self.scope
+                    )
                 except Exception as exc:  # the client is gone: nobody to answer
                     logger.debug("503 for %s not sent: %r", self.name, exc)
         elif self.pipe is None and not _completes(self.start, self.last):
@@ -244,7 +247,7 @@ def _completes(start: Message, last: Message | None) -> bool:
 def _with_connection_close(start: Message, scope: Scope) -> Message:
     """``start`` with ``Connection: close`` (HTTP/1.x, unless the app set a connection
     header): while draining, keep-alive clients should move to another instance."""
-    if scope.get("http_version") not in ("1.1", "1.0"):
+    if scope.get("http_version") not in _HTTP1:
         return start  # HTTP/2 and 3 forbid the header; the server's GOAWAY does this job
     headers = list(start.get("headers") or ())
     if any(key.lower() == b"connection" for key, _ in headers):
@@ -254,11 +257,14 @@ def _with_connection_close(start: Message, scope: Scope) -> Message:
 
 
 async def respond(
-    send: Send, status: int, body: bytes, content_type: bytes, close: bool = False
+    send: Send, status: int, body: bytes, content_type: bytes, refused: Scope | None = None
 ) -> None:
-    """A complete response; ``close``: with ``Connection: close`` and ``Retry-After``."""
+    """A complete response. ``refused`` (the request's scope): a 503 the client
+    should retry elsewhere, with ``Retry-After`` and (HTTP/1.x) ``Connection: close``."""
     headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
-    if close:
-        headers += [(b"connection", b"close"), (b"retry-after", RETRY_AFTER)]
+    if refused is not None:
+        headers.append((b"retry-after", RETRY_AFTER))
+        if refused.get("http_version") in _HTTP1:
+            headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -202,9 +202,11 @@ class Pipe:
             with self.watching:
                 await self._watch()
             await anyio.sleep_forever()
-        # Only reached when the stream was ended from outside (shutdown, stop(),
-        # max_duration, a disconnect): the producer stops at once.
-        self.req.app_scope.cancel()
+        # Reached when the stream was ended from outside (shutdown, stop(),
+        # max_duration, a disconnect): the producer stops at once. Not after
+        # the response is complete: what the app does then is its own business.
+        if not self.done:
+            self.req.app_scope.cancel()
 
     async def _watch(self) -> None:
         """Read the server's receive while the app does not, to see a disconnect."""

@@ -295,3 +295,63 @@ async def test_a_disconnect_read_by_the_app_mid_stream_stops_the_stream() -> Non
             await mw({**SCOPE, "asgi": {"version": "3.0", "spec_version": "2.3"}}, receive, send)
     assert len(produced) < 50
     assert mw.guard.report.streams == {"disconnected": 1}
+
+
+async def test_work_after_a_stream_that_ended_at_once_is_not_cancelled() -> None:
+    # The whole stream is sent before its helper task first runs (the server's
+    # send does not suspend): the helper must not take that for a cut.
+    done: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"all", "more_body": False})
+        await anyio.sleep(0.05)  # e.g. a background task
+        done.append("after the response")
+
+    mw = TaskGuardMiddleware(with_lifespan(app), signals="off")
+    server = Server()
+    async with asgi_lifespan(mw):
+        await run(mw, server)
+    assert done == ["after the response"]
+    assert mw.guard.report.streams == {"completed": 1}
+
+
+async def test_a_request_body_read_after_the_response_started_arrives_whole() -> None:
+    # The disconnect watcher reads the server's receive while the app does not;
+    # what it reads is kept for the app, in order, and it does not buffer ahead.
+    chunks = [b"one", b"two", b"three"]
+    read: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"reading", "more_body": True})
+        await anyio.sleep(0.05)  # the watcher reads meanwhile
+        while True:
+            message = await receive()
+            read.append(message["body"])
+            if not message["more_body"]:
+                break
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    incoming = [
+        {"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+        for i, chunk in enumerate(chunks)
+    ]
+    served: list[int] = []
+
+    async def receive() -> Message:
+        if incoming:
+            served.append(len(incoming))
+            return incoming.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        pass
+
+    mw = TaskGuardMiddleware(with_lifespan(app), signals="off")
+    async with asgi_lifespan(mw):
+        with anyio.fail_after(5):
+            await mw(dict(SCOPE), receive, send)
+    assert read == chunks
+    assert mw.guard.report.streams == {"completed": 1}
