@@ -6,6 +6,7 @@ The real-server versions of these checks are in tests/test_asgi_transparency.py.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -355,3 +356,36 @@ async def test_a_request_body_read_after_the_response_started_arrives_whole() ->
             await mw(dict(SCOPE), receive, send)
     assert read == chunks
     assert mw.guard.report.streams == {"completed": 1}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the cost measured under uvicorn
+async def test_a_request_leaves_no_reference_cycles_behind() -> None:
+    # The scope holds the request's state, which holds the server's send, which
+    # holds the scope. Left in place, that cycle makes every request's objects
+    # garbage for the collector, whose passes then cost more than the rest of
+    # the middleware (measured under uvicorn: 550 collections per 20,000
+    # requests, against 1 without the middleware).
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    class ServerCycle(Server):  # like a server's per-request object, holding the scope
+        def __init__(self) -> None:
+            super().__init__()
+            self.scope = dict(SCOPE)
+
+    mw = TaskGuardMiddleware(with_lifespan(app), signals="off")
+    async with asgi_lifespan(mw):
+        server = ServerCycle()
+        await mw(server.scope, server.receive, server.send)  # warm up
+        del server
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(20):
+                server = ServerCycle()
+                await mw(server.scope, server.receive, server.send)
+            del server
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
