@@ -132,11 +132,12 @@ async def serve(mw: TaskGuardMiddleware, scope: Scope, receive: Receive, send: S
         # objects at once (a cycle would leave them to the garbage collector:
         # measured, its passes cost more than the rest of the middleware).
         del ours[_KEY]
-        if request.pipe is not None:
-            await request.pipe.close()
+        pipe, request.pipe = request.pipe, None  # the pipe holds the request too
+        if pipe is not None:
+            await pipe.close()
         section.close(cancelled)
     if section.cut:  # at the deadline: whatever the app raised, the cut caused it
-        await request.after_cut()
+        await request.after_cut(streamed=pipe is not None)
     elif app_error is not None:
         raise app_error  # the server reports it, as without the middleware
 
@@ -216,7 +217,7 @@ class Request(StreamControl):
 
     # -- cut at the deadline ---------------------------------------------------------
 
-    async def after_cut(self) -> None:
+    async def after_cut(self, streamed: bool) -> None:
         if self.start is None:
             logger.warning(
                 "request %s cut at the shutdown deadline before its response started: answered 503",
@@ -229,7 +230,7 @@ class Request(StreamControl):
                     )
                 except Exception as exc:  # the client is gone: nobody to answer
                     logger.debug("503 for %s not sent: %r", self.name, exc)
-        elif self.pipe is None and not _completes(self.start, self.last):
+        elif not streamed and not _completes(self.start, self.last):
             logger.warning(
                 "request %s cut at the shutdown deadline mid-response: connection closed",
                 self.name,
