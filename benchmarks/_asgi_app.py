@@ -1,6 +1,10 @@
 """The Starlette app of the ASGI cases, as uvicorn factories (``--factory``).
 
-``make_plain``: the app alone; ``make_guarded``: the same app wrapped in
+``make_plain``: the app alone; ``make_noop``: the app behind a pure-ASGI
+middleware that does nothing (the floor any middleware costs: one more call
+per request); ``make_scoped``: the no-op middleware plus one anyio cancel
+scope per request (the floor of a middleware that can cut requests);
+``make_guarded``: the same app wrapped in
 ``TaskGuardMiddleware`` (imported only there, so the plain app runs even when
 ``taskguard.asgi`` is missing).
 """
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -48,6 +53,33 @@ def _app() -> Starlette:
 
 def make_plain() -> Starlette:
     return _app()
+
+
+class _Noop:
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
+def make_noop() -> object:
+    return _Noop(_app())
+
+
+class _Scoped(_Noop):
+    """The no-op middleware with one anyio cancel scope around each request: the
+    least a middleware pays to be able to cut a request without piercing the
+    app's own shielded scopes (what TaskGuardMiddleware does, minus its
+    bookkeeping)."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        with anyio.CancelScope():
+            await self.app(scope, receive, send)
+
+
+def make_scoped() -> object:
+    return _Scoped(_app())
 
 
 def make_guarded() -> object:

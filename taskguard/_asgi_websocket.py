@@ -23,6 +23,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._asgi_stream import close_transport
 from ._guarded import is_cancellation
 from ._report import State
 from ._streams import GuardedStream, StreamOutcome
@@ -123,9 +124,7 @@ class WebSocketSession:
                 code = 1000  # stop(): a normal closure
             await self._close(code, final=True)
         elif stream is not None and stream.outcome is StreamOutcome.STALLED:
-            from .asgi import _abort_connection
-
-            _abort_connection(self.real_send)
+            close_transport(self.real_send, abort=True)  # a client that stopped reading
         if app_error is not None and not self.app_scope.cancel_called:
             raise app_error  # not a consequence of our cut: the server reports it
 
