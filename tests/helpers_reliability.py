@@ -60,14 +60,16 @@ class Release:
 
         After swallowing, it sleeps shielded: on trio a cancelled scope makes every
         later checkpoint raise at once, and an unshielded loop would spin the CPU.
+        A native asyncio ``task.cancel()`` goes through that shield (the guard
+        cancels asyncio tasks that way, and cancels again before it abandons one):
+        that one is swallowed too, so the task stays stubborn on both backends.
         """
         while not self.event.is_set():
             try:
-                await anyio.sleep(tick)
+                with anyio.CancelScope(shield=self.swallowed > 0):
+                    await anyio.sleep(tick)
             except anyio.get_cancelled_exc_class():
                 self.swallowed += 1
-                with anyio.CancelScope(shield=True):
-                    await anyio.sleep(tick)
         return "released"
 
 
