@@ -137,8 +137,12 @@ def _xfail_running(phase: str) -> list[pytest.MarkDecorator]:
 
 
 @pytest.mark.xfail(strict=True, reason=FINDING_6)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(
+    ("phase", "sig"),
+    [(phase, signal.SIGTERM) for phase in PHASES]
+    + [("running", signal.SIGINT), ("before_drain", signal.SIGINT)],
+    ids=[*PHASES, "running-INT", "before_drain-INT"],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_third_signal_ends_the_process_at_once_while_the_loop_is_blocked(
     tmp_path: Path, backend: str, phase: str, sig: int
@@ -196,7 +200,22 @@ def test_second_signal_while_the_loop_is_blocked_forces_the_drain(
         assert took < BLOCK + SLACK + 2, took  # far below the 20 s exit wait
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "asyncio",
+        pytest.param(
+            "trio",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="new: on trio a signal still pending when the guard closes its signal "
+                "receiver is re-delivered (trio's open_signal_receiver) with the default "
+                "action: the process dies by SIGTERM (-15) after a complete shutdown, before "
+                "run() returns its report",
+            ),
+        ),
+    ],
+)
 def test_second_signal_while_an_after_drain_hook_blocks_changes_nothing(
     tmp_path: Path, backend: str
 ) -> None:
