@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import threading
 import time
 import weakref
@@ -473,6 +474,11 @@ class GuardMachine(RuleBasedStateMachine):
         self.truth.handles.clear()
         for rec in self.truth.streams.values():
             rec.stream = None
+        # pytest keeps the log records; the traceback of a failed task's or stream's
+        # record holds its frames, and so the guard (in production it is dropped)
+        for handler in logging.getLogger().handlers:
+            for record in getattr(handler, "records", ()):
+                record.exc_info = None
         gc.collect()
         alive = [obj for ref in refs if (obj := ref()) is not None]
         if not self.abandoned:
