@@ -27,9 +27,13 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
-from helpers_reliability import LeakError
 
-from taskguard import TaskGuard, TaskHandle
+# plain asserts in the shared test helpers explain themselves too
+pytest.register_assert_rewrite("fuzz_support", "helpers_reliability")
+
+from helpers_reliability import LeakError  # noqa: E402
+
+from taskguard import TaskGuard, TaskHandle  # noqa: E402
 
 
 @pytest.fixture(params=["asyncio", "trio"])
