@@ -29,7 +29,9 @@ from typing import Any
 import pytest
 
 # plain asserts in the shared test helpers explain themselves too
-pytest.register_assert_rewrite("fuzz_support", "faults_scenario", "helpers_reliability")
+pytest.register_assert_rewrite(
+    "fuzz_support", "faults_scenario", "helpers_reliability", "stateful_checks"
+)
 
 from helpers_reliability import LeakError  # noqa: E402
 
