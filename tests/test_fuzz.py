@@ -122,7 +122,7 @@ def make_fn(kind: str) -> Any:
 async def _spawn_case(ex: Exercise, spawn: Callable[..., Any], data: st.DataObject) -> None:
     guard = ex.guard
     kind = data.draw(unless_known(st.sampled_from(FN_KINDS), "reused_kind"), label="fn kind")
-    args = data.draw(st.lists(values, max_size=2), label="args")
+    args = data.draw(st.one_of(st.just([]), st.lists(values, min_size=1, max_size=2)), label="args")
     group = data.draw(unless_known(groups, "odd_str"), label="group")
     name = data.draw(names_ok, label="name")
     bad_group = not plain_str(group) or not group
