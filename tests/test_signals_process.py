@@ -133,6 +133,14 @@ def _xfail_running(phase: str) -> list[pytest.MarkDecorator]:
     return [pytest.mark.xfail(strict=True, reason=FINDING_6)] if phase == "running" else []
 
 
+def _xfail_trio_coalesces(backend: str, phase: str) -> list[pytest.MarkDecorator]:
+    # asyncio queues both signals and acts on them once the loop runs again; trio
+    # counts two signals that arrived while the loop was blocked as one
+    if backend == "trio" and phase == "running":
+        return [pytest.mark.xfail(strict=True, reason=FINDING_6 + " (trio: two count as one)")]
+    return []
+
+
 # -- the third signal ------------------------------------------------------------------------
 
 
@@ -170,13 +178,13 @@ BLOCK = 3.0  # a block that ends: what the second signal did shows once the loop
 
 
 @pytest.mark.parametrize(
-    "phase",
+    ("backend", "phase"),
     [
-        pytest.param(phase, marks=_xfail_running(phase))
+        pytest.param(backend, phase, marks=_xfail_trio_coalesces(backend, phase))
+        for backend in BACKENDS
         for phase in ("running", "drain_delay", "before_drain", "drain")
     ],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_second_signal_while_the_loop_is_blocked_forces_the_drain(
     tmp_path: Path, backend: str, phase: str
 ) -> None:
@@ -185,9 +193,6 @@ def test_second_signal_while_the_loop_is_blocked_forces_the_drain(
     with run_script(tmp_path, BLOCKED_SCRIPT, *args) as proc:
         start_blocked(proc, phase, signal.SIGTERM)
         time.sleep(0.05)
-        if phase == "running":
-            proc.kill(signal.SIGTERM)  # the first one came in the block too
-            time.sleep(0.05)
         proc.kill(signal.SIGTERM)
         second = time.monotonic()
         rc = proc.wait(BLOCK + SLACK + 5)
