@@ -138,11 +138,11 @@ async def _stream_case(ex: Exercise, data: st.DataObject) -> None:
                         await stream.send(send_fn, i)
 
             await attempt_async(_swallow_stream_errors, with_send)
-        elif consumer == "stop":
-            stream.stop()
-            await stream.aclose()
         else:
-            await stream.aclose()
+            if consumer == "stop":
+                stream.stop()
+            # (an Evil source's own __aiter__ raises here: the user's error)
+            await attempt_async(stream.aclose)
     if stream.outcome is not None:
         ex.streams[stream.outcome.value] += 1
     if "started" in log:
