@@ -433,6 +433,46 @@ class GuardMachine(TruthChecks, RuleBasedStateMachine):
         )
 
 
+_SECTION_CUT_RACE = pytest.mark.xfail(
+    strict=True,
+    reason="new: on asyncio a guarded section whose last await completes in the loop step "
+    "where the deadline cuts is counted cut, though it raised no ShuttingDownError and the "
+    "code after it ran",
+)
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param("asyncio", marks=_SECTION_CUT_RACE), "trio"]
+)
+@pytest.mark.anyio
+async def test_a_section_that_completes_as_the_deadline_hits_is_not_counted_cut() -> None:
+    # Found by the state machine under load; made deterministic here: the forced
+    # shutdown wakes the supervisor first, then the section's event, in one step.
+    guard = TaskGuard(exit_wait_timeout=5, cancel_grace=0.5)
+    release = anyio.Event()
+    seen: list[str] = []
+
+    async def section() -> None:
+        try:
+            async with guard.guarded("s"):
+                await release.wait()
+        except ShuttingDownError:
+            seen.append("cut")
+        else:
+            seen.append("completed")
+
+    async with guard, anyio.create_task_group() as tg:
+        tg.start_soon(section)
+        await anyio.sleep(0.05)
+        guard.shutdown("test")
+        await anyio.sleep(0.05)
+        guard.shutdown("deadline", force=True)
+        release.set()
+    report = guard.report.guarded
+    # what the report says is what the section saw
+    assert (report.completed, report.cut) == (seen.count("completed"), seen.count("cut")), seen
+
+
 SETTINGS = settings(
     max_examples=25,
     stateful_step_count=20,
