@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from helpers_reliability import Release
+from helpers_reliability import Release, forget_dead_guard
 
 from taskguard import GroupConfig, ShutdownReport, TaskGuard
 
@@ -196,6 +196,7 @@ def run_scenario(
         took.append(math.inf)
     finally:
         faults.release.set()
+        forget_dead_guard(guard)  # a dead supervisor must not poison later tests
         # Finalize what a broken run left behind here, not during pytest's failure
         # report: a finalizer that runs inside its source parsing made CPython 3.11
         # raise "AST constructor recursion depth mismatch" (an INTERNALERROR).

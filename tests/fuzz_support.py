@@ -27,6 +27,7 @@ with its own strict xfail test) are kept out of the general tests by
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-from helpers_reliability import Hygiene
+from helpers_reliability import Hygiene, forget_dead_guard
 from hypothesis import HealthCheck, assume, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -316,7 +317,16 @@ def run_example(
         took[0] = time.monotonic() - took[0]
 
     with Hygiene() as hygiene:
-        anyio.run(main, backend=backend)
+        try:
+            anyio.run(main, backend=backend)
+        except BaseException:
+            # e.g. TrioInternalError, a dead supervisor: finalize what it left
+            # behind now, not inside pytest's failure report (a finalizer there made
+            # CPython 3.11's ast raise "recursion depth mismatch": an INTERNALERROR)
+            gc.collect()
+            raise
+        finally:
+            forget_dead_guard(guard)  # a dead supervisor must not poison later tests
     hygiene.check()
     check_report(ex, took[0])
     return guard.report
