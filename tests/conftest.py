@@ -1,9 +1,241 @@
+"""Shared fixtures, and the leak check every in-process taskguard test gets.
+
+The leak check (promise 1: "nothing is kept after the guard closed"): every
+``TaskGuard`` and ``TaskHandle`` created during a test must be collectable once
+the test is over. Only objects created during the test are tracked (their
+``__init__`` is wrapped for the test's duration and records a weakref), so a
+test that never builds a guard in-process (the subprocess and server tests)
+pays nothing. It checks:
+
+- at the end of the test call, when the test used no fixture that may hold a
+  guard (then an ``xfail(raises=LeakError)`` marker applies to the leak);
+- otherwise after every fixture is torn down (a teardown error).
+
+A failed test is not checked. Opt out with
+``@pytest.mark.no_leak_check(reason="...")`` (a reason is required). A leak
+is reported with a few levels of what holds each object (``LEAK_DEPTH=6`` in
+the environment shows more).
+"""
+
 from __future__ import annotations
 
+import functools
+import gc
+import os
+import time
+import types
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
 import pytest
+
+# plain asserts in the shared test helpers explain themselves too
+pytest.register_assert_rewrite(
+    "fuzz_support", "faults_scenario", "helpers_reliability", "stateful_checks"
+)
+
+from helpers_reliability import LeakError  # noqa: E402
+
+from taskguard import TaskGuard, TaskHandle  # noqa: E402
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Core tests run on both backends (anyio's pytest plugin)."""
     return str(request.param)
+
+
+# -- the leak check --------------------------------------------------------------------
+
+#: fixtures whose values cannot hold a guard: with only these (and parametrize
+#: arguments) the check runs at the end of the call, where xfail applies
+SAFE_FIXTURES = frozenset(
+    {
+        "anyio_backend",
+        "anyio_backend_name",
+        "anyio_backend_options",
+        "caplog",
+        "capsys",
+        "capfd",
+        "monkeypatch",
+        "recwarn",
+        "request",
+        "tmp_path",
+        "tmp_path_factory",
+        "_leak_check",
+        "event_loop_policy",
+    }
+)
+
+#: how long a finishing thread (a timer) may hold a guard after the test
+LEAK_GRACE = 0.5
+
+_FINDING_2 = (
+    "leak: finding 2: an abandoned task that ended later stays referenced "
+    "(taskguard._shutdown._ABANDONED), with its group and guard"
+)
+#: Leaks the check found in tests of other files, caused by the core: they are
+#: expected to fail with LeakError (strict: the fix makes them pass and the
+#: entry must go). Node id prefix -> reason.
+KNOWN_LEAKS: dict[str, str] = {
+    "tests/test_guarded.py::test_new_sections_refused_from_stopping_on": _FINDING_2,
+    "tests/test_handle.py::test_waiting_on_a_task_that_shutdown_abandons_does_": _FINDING_2,
+    "tests/test_guard.py::test_swallowing_task_is_abandoned_and_reported_stuck": _FINDING_2,
+    "tests/test_guard.py::test_bounded_even_with_a_hanging_hook_and_stuck_work": _FINDING_2,
+    "tests/test_groups.py::test_a_cancelled_task_ignoring_it_is_abandoned_after_": _FINDING_2,
+    "tests/test_groups.py::test_an_abandoned_task_that_fails_later_is_still_": _FINDING_2,
+    "tests/test_reliability.py::test_task_swallowing_cancellation_in_a_loop_is_": _FINDING_2,
+}
+
+#: Tests of other files the leak check does not apply to, and why.
+NOT_CHECKED: dict[str, str] = {
+    "tests/test_grpc.py::": "the module's tests share one grpc.aio event loop: grpc's own "
+    "callbacks and calls, created while the guard was current, keep contexts that hold it "
+    "until that loop closes",
+}
+
+
+class _Tracker:
+    def __init__(self, item: pytest.Item) -> None:
+        self.item = item
+        self.refs: list[weakref.ref[Any]] = []
+        self.checked = False
+        self.call_passed = False
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, cls: type[Any]) -> None:
+        original = cls.__dict__["__init__"]
+        refs = self.refs
+
+        @functools.wraps(original)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            original(self, *args, **kwargs)
+            refs.append(weakref.ref(self))
+
+        cls.__init__ = __init__
+        self._undo.append(lambda: setattr(cls, "__init__", original))
+
+    def unwrap(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def deferred(self) -> bool:
+        params = set(getattr(getattr(self.item, "callspec", None), "params", {}))
+        return bool(set(self.item.fixturenames) - SAFE_FIXTURES - params)  # type: ignore[attr-defined]
+
+    def check(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.checked = True
+        if not self.refs:
+            return
+        # pytest keeps the test's log records; a record's exc_info holds a
+        # traceback whose frames hold the failed task's handle. In production a
+        # record is formatted and dropped: drop the traceback here too.
+        for when in ("setup", "call"):
+            for record in caplog.get_records(when):  # type: ignore[arg-type]
+                record.exc_info = None
+        # taskguard.run's watchdog timer thread, just cancelled, holds the guard
+        # until its thread is gone (a moment after run() returned): a short grace.
+        deadline = time.monotonic() + LEAK_GRACE
+        while any(ref() is not None for ref in self.refs):  # no strong reference here
+            gc.collect()
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        alive = _alive(self.refs)
+        if alive:
+            raise LeakError(
+                f"{len(alive)} taskguard object(s) created by this test are still alive "
+                "after it (promise 1: nothing is kept after the guard closed):\n" + _describe(alive)
+            )
+
+
+def _alive(refs: list[weakref.ref[Any]]) -> list[Any]:
+    return [obj for ref in refs if (obj := ref()) is not None]
+
+
+def _describe(alive: list[Any], depth: int = int(os.environ.get("LEAK_DEPTH", "3"))) -> str:
+    """The objects and a few levels of what holds them (to tell an artefact from a leak)."""
+    lines: list[str] = []
+    mine: set[int] = {id(alive), id(lines)}  # our own lists are not holders
+    for obj in alive[:4]:
+        lines.append(f"  {obj!r}")
+        _holders(obj, depth, "    ", mine, lines)
+    return "\n".join(lines[:60])
+
+
+def _holders(obj: Any, depth: int, indent: str, mine: set[int], lines: list[str]) -> None:
+    refs = gc.get_referrers(obj)
+    mine.add(id(refs))
+    for ref in refs:
+        if id(ref) in mine or isinstance(ref, (types.GeneratorType, type(iter([])))):
+            continue
+        if isinstance(ref, types.FrameType) and ref.f_code.co_filename == __file__:
+            continue
+        lines.append(indent + _label(ref))
+        if depth > 1 and not _is_globals(ref):
+            _holders(ref, depth - 1, indent + "  ", mine, lines)
+
+
+def _is_globals(ref: object) -> bool:
+    return isinstance(ref, dict) and "__name__" in ref and "__loader__" in ref
+
+
+def _label(ref: object) -> str:
+    if isinstance(ref, types.FrameType):
+        code = ref.f_code
+        return f"frame {code.co_name} ({code.co_filename.rsplit('/', 1)[-1]}:{ref.f_lineno})"
+    if _is_globals(ref):
+        return f"the globals of module {ref['__name__']}"  # type: ignore[index]
+    if isinstance(ref, dict):
+        keys = ", ".join(map(str, list(ref)[:5]))
+        return f"dict {{{keys}}}"
+    if isinstance(ref, types.FunctionType):
+        return f"function {ref.__qualname__}"
+    if isinstance(ref, (list, tuple, set)):
+        return f"{type(ref).__name__} of {len(ref)}"
+    return type(ref).__name__
+
+
+_TRACKER = pytest.StashKey[_Tracker]()
+
+
+@pytest.fixture(autouse=True)
+def _leak_check(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    marker = request.node.get_closest_marker("no_leak_check")
+    if marker is not None:
+        if not marker.kwargs.get("reason"):
+            raise pytest.UsageError("@pytest.mark.no_leak_check needs reason='why'")
+        yield
+        return
+    tracker = _Tracker(request.node)
+    tracker.wrap(TaskGuard)
+    tracker.wrap(TaskHandle)
+    request.node.stash[_TRACKER] = tracker
+    try:
+        yield
+    finally:
+        tracker.unwrap()
+    if tracker.call_passed and not tracker.checked:
+        tracker.check(caplog)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    result = yield
+    tracker = item.stash.get(_TRACKER, None)
+    if tracker is not None:
+        tracker.call_passed = True
+        if not tracker.deferred():
+            tracker.check(item.funcargs["caplog"])  # type: ignore[attr-defined]
+    return result
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for prefix, reason in KNOWN_LEAKS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xfail(strict=True, raises=LeakError, reason=reason))
+        for prefix, reason in NOT_CHECKED.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.no_leak_check(reason=reason))
