@@ -7,6 +7,7 @@ built and an error names the field path, e.g. ``groups.mail.timeout``.
 
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypedDict
@@ -28,6 +29,7 @@ __all__ = [
     "GroupConfig",
     "GuardConfig",
     "GuardOptions",
+    "check_flag",
     "check_name",
     "check_seconds",
     "parse_signal",
@@ -95,8 +97,11 @@ def check_seconds(value: object, what: str, *, positive: bool = True) -> float:
     out of range (> 0, or >= 0 with ``positive=False``, and <= MAX_SECONDS).
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {value!r}")
-    seconds = float(value)
+        raise TypeError(f"{what} must be a number of seconds, not {describe(value)}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf
     low_ok = seconds > 0 if positive else seconds >= 0
     if not (low_ok and seconds <= MAX_SECONDS):
         bound = "> 0" if positive else ">= 0"
@@ -107,11 +112,35 @@ def check_seconds(value: object, what: str, *, positive: bool = True) -> float:
     return seconds
 
 
-def check_name(value: object, what: str = "name") -> str | None:
-    """A name given to a task, hook or stream: a str or None (the report holds it)."""
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"{what} must be a str or None, not {type(value).__name__} {value!r}")
+def describe(value: object) -> str:
+    """``repr(value)`` for an error message, short, and never raising itself."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"a {type(value).__name__} object"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_flag(value: object, what: str) -> bool:
+    """A yes/no option: a bool (``shield="false"`` would otherwise be true)."""
+    if value is not True and value is not False:
+        raise TypeError(f"{what} must be True or False, not {describe(value)}")
     return value
+
+
+def check_name(value: object, what: str = "name") -> str | None:
+    """A name given to a task, hook, section, stream or reason: a str or None.
+
+    A str subclass comes back as a plain str copy: the report and the
+    supervisor hash, compare and print the name long after the call, and a
+    subclass's own ``__hash__``/``__repr__`` must not be able to fail there.
+    The error names the type only: a hostile ``__repr__`` must not replace it.
+    """
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    raise TypeError(f"{what} must be a str or None, not {type(value).__name__}")
 
 
 def _not_bool(value: object) -> object:

@@ -226,10 +226,16 @@ class Groups(dict[str, Group]):
     call), made on first use and bound to the run; what a spawn into one is told
     once the guard no longer takes all work; what a failure of one's task does."""
 
-    def __init__(self, config: GuardConfig, request_shutdown: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        config: GuardConfig,
+        request_shutdown: Callable[[str], None],
+        fault: Callable[[str, BaseException], None],
+    ) -> None:
         super().__init__()
         self._config = config
         self._request_shutdown = request_shutdown
+        self._fault = fault
         self._backend: Backend | None = None
         self._inflight: InFlight | None = None
         #: sets a new group's drain deadline once the shutdown has started
@@ -295,25 +301,29 @@ class Groups(dict[str, Group]):
 
     def failed(self, handle: TaskHandle[Any]) -> None:
         """A background task failed: log it, hand it to the error_handler, and shut
-        down if its group says so. Never raises (it runs inside the failed task)."""
+        down if its group says so. Never raises (it runs inside the failed task);
+        each step goes on if the one before raised."""
         exc = handle._exc
         try:
             logger.error(
                 "background task %r (group %r) failed", handle.name, handle.group, exc_info=exc
             )
-            handler = self._config.error_handler
-            if handler is not None and exc is not None:
-                try:
-                    result = handler(exc, handle)
-                    if asyncio.iscoroutine(result):
-                        result.close()
-                        raise TypeError("error_handler must be a plain function, not async")
-                except BaseException:  # the handler's bug must not break the bookkeeping
-                    logger.exception("the error_handler raised while handling %r", handle.name)
-            if handle._group.config.on_error == "shutdown":
+        except Exception as error:  # a user's logging handler
+            self._fault(f"logging the failure of task {handle.name!r}", error)
+        handler = self._config.error_handler
+        if handler is not None and exc is not None:
+            try:
+                result = handler(exc, handle)
+                if asyncio.iscoroutine(result):
+                    result.close()
+                    raise TypeError("error_handler must be a plain function, not async")
+            except BaseException as error:  # the handler's bug must not break the bookkeeping
+                self._fault(f"the error_handler, handling task {handle.name!r}", error)
+        if handle._group.config.on_error == "shutdown":
+            try:
                 self._request_shutdown(f"task {handle.name!r} (group {handle.group!r}) failed")
-        except BaseException:
-            logger.exception("taskguard: handling the failure of %r failed", handle.name)
+            except Exception as error:
+                self._fault("the shutdown requested by a failed task", error)
 
 
 def _not_started(handle: TaskHandle[Any]) -> None:

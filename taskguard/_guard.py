@@ -13,7 +13,14 @@ import anyio
 
 from . import _coroutines, _current
 from ._backends import Backend, current_backend
-from ._config import GuardConfig, GuardOptions, check_name, check_seconds
+from ._config import (
+    GuardConfig,
+    GuardOptions,
+    check_flag,
+    check_name,
+    check_seconds,
+    describe,
+)
 from ._exceptions import GroupFullError, NotStartedError, ShuttingDownError
 from ._groups import Groups
 from ._guarded import Guarded
@@ -22,7 +29,7 @@ from ._hooks import STAGES, Hook, Hooks, Stage, hook_name
 from ._inflight import InFlight
 from ._report import GuardStats, ShutdownReport, State
 from ._sections import Sections
-from ._shutdown import Run, Shutdown
+from ._shutdown import Run, Shutdown, record_fault
 from ._signals import ExitSignals, signame
 from ._streams import GuardedStream, Streams
 
@@ -87,7 +94,7 @@ class TaskGuard:
 
     def _new_run(self) -> None:
         """The parts of one run, fresh (the first, or again after the guard closed)."""
-        self._groups = Groups(self.config, self._shutdown_on_failure)
+        self._groups = Groups(self.config, self._shutdown_on_failure, self._fault)
         self._inflight = InFlight()
         self._sections: Sections | None = None  # made at start: they need the backend
         self._streams: Streams | None = None
@@ -97,6 +104,8 @@ class TaskGuard:
         self._shutdown: Shutdown | None = None
         self._system_tasks: list[object] = []
         self._context_token: Any = None
+        #: faults of this run's own bookkeeping, for report.errors (record_fault)
+        self._errors: list[str] = []
         self._signals = ExitSignals(self._on_signal, self._arm_hard_deadline, self._left)
 
     def __repr__(self) -> str:
@@ -232,7 +241,7 @@ class TaskGuard:
         self._thread_id = threading.get_ident()
         inflight = self._inflight
         self._sections = Sections(inflight, backend, self._refuse_section)
-        self._streams = Streams(inflight)
+        self._streams = Streams(inflight, self._fault)
         for name in self.config.groups:
             self._groups.make(name)
         self._groups.make("default")
@@ -250,6 +259,7 @@ class TaskGuard:
                 on_trigger=self._arm_hard_deadline,
                 on_close=self._closing,
                 durable=lambda: self._durable,
+                errors=self._errors,
             )
         )
         self._signals.bind(backend.call_soon_threadsafe)
@@ -285,14 +295,16 @@ class TaskGuard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            self.shutdown(reason="exit")
-        elif isinstance(exc, anyio.get_cancelled_exc_class()):
-            self.shutdown(reason="cancelled")
-        else:
-            self.shutdown(reason=f"exception: {type(exc).__name__}: {exc}")
-        await self.wait_closed()
-        _current.leave(self, self._context_token)
+        try:
+            if exc is None:
+                self.shutdown(reason="exit")
+            elif isinstance(exc, anyio.get_cancelled_exc_class()):
+                self.shutdown(reason="cancelled")
+            else:
+                self.shutdown(reason=f"exception: {type(exc).__name__}: {exc}")
+            await self.wait_closed()
+        finally:  # even if the shutdown failed: a closed guard is not current any more
+            _current.leave(self, self._context_token)
 
     def _closing(self) -> None:
         """The sequence is done: let go of what this run held (resources, signals)."""
@@ -344,8 +356,8 @@ class TaskGuard:
             raise NotStartedError(
                 "shutdown() on a guard that has not started: enter it with `async with guard:`"
             )
-        if reason is not None and not isinstance(reason, str):
-            raise TypeError(f"shutdown() takes a reason (str) or None, not {reason!r}")
+        reason = check_name(reason, "shutdown(reason=...)")
+        check_flag(force, "shutdown(force=...)")
         if threading.get_ident() != self._thread_id:
             assert self._backend is not None
             self._backend.call_soon_threadsafe(lambda: self.shutdown(reason, force=force))
@@ -414,7 +426,7 @@ class TaskGuard:
         """
         try:
             if name is not None and type(name) is not str:
-                check_name(name)
+                name = check_name(name)
             grp = self._groups.get(group)
             if grp is None:
                 grp = self._groups.make(group)
@@ -461,6 +473,9 @@ class TaskGuard:
         else:
             grp.submit(handle)
         return handle
+
+    def _fault(self, what: str, exc: BaseException) -> None:
+        record_fault(self._errors, what, exc)
 
     def _shutdown_on_failure(self, reason: str) -> None:
         """A task of an ``on_error="shutdown"`` group failed."""
@@ -574,16 +589,26 @@ class TaskGuard:
         (default ``hook_timeout``). Refused (ShuttingDownError) from the
         stopping phase on.
         """
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
-        hook_timeout = self.config.hook_timeout
-        if timeout is not None:
-            hook_timeout = check_seconds(timeout, "timeout")
-        check_name(name)
+        try:
+            if stage not in STAGES:
+                raise ValueError(f"stage must be one of {', '.join(STAGES)}; got {stage!r}")
+            hook_timeout = self.config.hook_timeout
+            if timeout is not None:
+                hook_timeout = check_seconds(timeout, "timeout")
+            name = check_name(name)
+        except Exception:
+            _coroutines.close_refused(fn)  # a refused coroutine must not warn "never awaited"
+            raise
 
         def register(func: F) -> F:
-            if not callable(func):
-                raise TypeError(f"on_shutdown() takes a function, not {func!r}")
+            given: object = func  # typed a function; anything may come at run time
+            if not callable(given):
+                _coroutines.close_refused(given)
+                hint = " (pass the function, not its call: on_shutdown(fn))"
+                raise TypeError(
+                    f"on_shutdown() takes a function, not {describe(given)}"
+                    + (hint if type(given) is CoroutineType else "")
+                )
             hook = Hook(func, stage, hook_timeout, name or hook_name(func))
             self._hooks.add(hook, before_start=self._shutdown is None)
             return func

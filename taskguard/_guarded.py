@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 
+from ._config import check_name
 from ._exceptions import ShuttingDownError
 
 if TYPE_CHECKING:
@@ -51,8 +52,10 @@ class Guarded:
     )
 
     def __init__(self, guard: TaskGuard | None, name: str | None, shield: bool) -> None:
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"guarded() takes a section name (str) or None, not {name!r}")
+        if name is not None and type(name) is not str:  # the common case costs one check
+            name = check_name(name, "guarded()'s section name")
+        if shield is not True and shield is not False:
+            raise TypeError(f"guarded(shield=...) must be True or False, not {shield!r}")
         self._guard = guard
         self._sections: Sections | None = None  # the sections it was entered in
         self._name = name
@@ -127,11 +130,14 @@ class Guarded:
         return self._cut
 
     def close(self, cancelled: bool) -> None:
-        """Close a section opened with ``guard.open_section()`` (after its scope exited)."""
-        self._scope = None
+        """Close a section opened with ``guard.open_section()`` (after its scope exited);
+        ``cancelled``: a cancellation left the scope (a caller's, or the guard's cut
+        of a task section). A cut the scope itself caught counts as well."""
+        scope, self._scope = self._scope, None
         self._open = False
         assert self._sections is not None
-        self._sections.exit(self, cancelled)
+        reached = cancelled or (scope is not None and scope.cancelled_caught)
+        self._sections.exit(self, cancelled, self._cut and reached)
 
     async def __aexit__(
         self,
@@ -150,10 +156,13 @@ class Guarded:
         self._scope = None
         self._open = False
         cancelled = exc is not None and is_cancellation(exc)
+        swallowed = False
         try:
             swallowed = scope.__exit__(exc_type, exc, tb)
         finally:
-            sections.exit(self, cancelled)
+            # Cut only if the cut reached the block: one that completed in the
+            # same loop step as the deadline did complete (and raises nothing).
+            sections.exit(self, cancelled, self._cut and (bool(swallowed) or cancelled))
         if self._cut and (swallowed or cancelled):
             raise ShuttingDownError(
                 f"guarded section {self.name!r} was cut at the shutdown deadline"

@@ -46,7 +46,26 @@ class _Model(BaseModel):
         computed = cls.model_computed_fields
         if computed and isinstance(data, dict) and any(k in data for k in computed):
             data = {k: v for k, v in data.items() if k not in computed}
-        return data
+        return _json_safe(data)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every string made encodable as UTF-8: a lone surrogate (a name
+    from ``os.fsdecode``, an exception's text) is escaped (``\\udcff``), so the
+    report stays JSON-ready whatever names the app used."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class GroupReport(_Model):

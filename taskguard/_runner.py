@@ -12,6 +12,7 @@ from ._backends import run as run_on
 from ._config import GuardConfig, GuardOptions
 from ._exceptions import ShuttingDownError
 from ._report import ShutdownReport, State
+from ._shutdown import record_fault
 from ._watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -69,7 +70,12 @@ def run(
             lines.append("  worker thread still running: " + describe_thread(thread))
         return lines
 
-    watchdog = guard._watchdog = Watchdog(guard._hooks.budget, left)
+    try:
+        watchdog: Watchdog | None = Watchdog(guard._hooks.budget, left)
+    except Exception as exc:  # e.g. "can't start new thread": run on, and say it
+        watchdog = None
+        record_fault(guard._errors, "starting the hard deadline (none holds this run)", exc)
+    guard._watchdog = watchdog
 
     async def entry() -> None:
         async with guard:
@@ -85,7 +91,8 @@ def run(
         run_on(backend, entry, guard.config.cancel_grace)
     finally:
         guard._watchdog = None
-        _settle(watchdog, guard, _new_threads(threads_before))
+        if watchdog is not None:
+            _settle(watchdog, guard, _new_threads(threads_before))
     return guard.report
 
 

@@ -72,11 +72,11 @@ class Sections:
             self.refuse(section.name)
         self.open[section] = None
 
-    def exit(self, section: Guarded, cancelled: bool) -> None:
+    def exit(self, section: Guarded, cancelled: bool, cut: bool) -> None:
         open_ = self.open
         if open_.pop(section, 0) is not None:
             return  # already accounted (abandoned as stuck)
-        if section._cut:
+        if cut:
             self._counts["cut"] += 1
         else:
             self._counts["cancelled" if cancelled else "completed"] += 1

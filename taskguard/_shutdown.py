@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -38,12 +38,31 @@ if TYPE_CHECKING:
     from ._sections import Sections
     from ._streams import Streams
 
-__all__ = ["Run", "Shutdown"]
+__all__ = ["Run", "Shutdown", "record_fault", "safe_log"]
 
 logger = logging.getLogger("taskguard")
 
 #: how often the drain logs what it is still waiting for
 PROGRESS_INTERVAL = 1.0
+
+
+def record_fault(errors: list[str], what: str, exc: BaseException) -> None:
+    """A fault of the run's own bookkeeping (not of a task or hook): logged if
+    logging works, recorded for ``report.errors`` (the report is then not clean),
+    and survived: whoever calls this carries on."""
+    errors.append(f"{what}: {type(exc).__name__}: {exc}")
+    safe_log(errors, logging.ERROR, "taskguard: %s failed; carrying on", what, exc_info=exc)
+
+
+def safe_log(
+    errors: list[str], level: int, msg: str, *args: Any, exc_info: BaseException | None = None
+) -> None:
+    """Log on the ``taskguard`` logger; a user's handler that raises is recorded, once."""
+    try:
+        logger.log(level, msg, *args, exc_info=exc_info)
+    except Exception as exc:
+        if not any(e.startswith("logging:") for e in errors):
+            errors.append(f"logging: {type(exc).__name__}: {exc}")
 
 
 @dataclass(eq=False)
@@ -64,6 +83,8 @@ class Run:
     on_close: Callable[[], None]
     #: the durable tasks' manager, if the guard has one (it is made on first use)
     durable: Callable[[], DurableManager | None] = lambda: None
+    #: faults of the run's own bookkeeping (see record_fault): the report's errors
+    errors: list[str] = field(default_factory=list)
 
 
 class Shutdown:
@@ -84,7 +105,7 @@ class Shutdown:
         self.phases: dict[str, float] = {}
         self.hook_reports: list[HookReport] = []
         self.stuck: list[StuckTask] = []
-        self.errors: list[str] = []
+        self.errors = run.errors
         self.report: ShutdownReport | None = None
         self._phase_start = 0.0
 
@@ -151,17 +172,10 @@ class Shutdown:
             self._fault(what, exc)
 
     def _fault(self, what: str, exc: BaseException) -> None:
-        """A fault of the sequence's own: logged (if logging works), recorded, survived."""
-        self.errors.append(f"{what}: {type(exc).__name__}: {exc}")
-        self._log(logging.ERROR, "taskguard: %s failed; carrying on", what, exc_info=exc)
+        record_fault(self.errors, what, exc)
 
     def _log(self, level: int, msg: str, *args: Any, exc_info: BaseException | None = None) -> None:
-        # A user's logging handler that raises must not end the sequence.
-        try:
-            logger.log(level, msg, *args, exc_info=exc_info)
-        except Exception as exc:
-            if not any(e.startswith("logging:") for e in self.errors):
-                self.errors.append(f"logging: {type(exc).__name__}: {exc}")
+        safe_log(self.errors, level, msg, *args, exc_info=exc_info)
 
     def _end_phase(self, name: str) -> None:
         now = anyio.current_time()
@@ -397,16 +411,7 @@ class Shutdown:
             run.on_close()
         except Exception as exc:
             self._fault("closing the resources and signal handlers", exc)
-        try:
-            report = self._report()
-        except Exception as exc:
-            self._fault("building the report", exc)
-            report = ShutdownReport(
-                trigger=str(self.reason),
-                started_at=self.started_at,
-                duration=max(0.0, run.backend.time() - self.started),
-                errors=list(self.errors),
-            )
+        report = self._report()
         try:
             text = report.summary()
             level = logging.INFO if report.clean else logging.WARNING
@@ -420,20 +425,42 @@ class Shutdown:
         self.report = report
 
     def _report(self) -> ShutdownReport:
+        """The report, from whatever parts can still describe themselves.
+
+        Each part is asked on its own, so one broken part costs its own field,
+        not the report; the build is tried once more (a model error may be
+        passing), then falls back to the bare facts.
+        """
         run = self.run_parts
-        durable = run.durable()
+        fields: dict[str, Any] = {
+            "trigger": self.reason,
+            "started_at": self.started_at,
+            "duration": max(0.0, run.backend.time() - self.started),
+            "phases": self.phases,
+            "forced": self.forced,
+            "hooks": self.hook_reports,
+            "stuck": self.stuck,
+        }
+        parts: dict[str, Callable[[], Any]] = {
+            "groups": lambda: {name: grp.report() for name, grp in run.groups.items()},
+            "guarded": run.sections.report,
+            "streams": run.streams.report,
+            "warnings": lambda: list(run.hooks.warnings),
+            "durable": lambda: None if (d := run.durable()) is None else d.report(),
+        }
+        for key, part in parts.items():
+            try:
+                fields[key] = part()
+            except Exception as exc:
+                self._fault(f"reporting {key}", exc)
+        for _ in range(2):
+            try:
+                return ShutdownReport(**fields, errors=list(self.errors))
+            except Exception as exc:
+                self._fault("building the report", exc)
         return ShutdownReport(
-            trigger=self.reason,
+            trigger=str(self.reason),
             started_at=self.started_at,
-            duration=run.backend.time() - self.started,
-            phases=self.phases,
-            forced=self.forced,
-            groups={name: grp.report() for name, grp in run.groups.items()},
-            guarded=run.sections.report(),
-            hooks=self.hook_reports,
-            streams=run.streams.report(),
-            stuck=self.stuck,
-            warnings=list(run.hooks.warnings),
+            duration=fields["duration"],
             errors=list(self.errors),
-            durable=None if durable is None else durable.report(),
         )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 from pydantic import BaseModel, ConfigDict
 
-from ._config import check_name, check_seconds
+from ._config import check_flag, check_name, check_seconds
 from ._exceptions import ConsumerDisconnected, ConsumerStalled, StreamError, StreamInterrupted
 
 if TYPE_CHECKING:
@@ -101,10 +101,12 @@ class _Tracked:
 class Streams:
     """The open streams of one guard run (held weakly), and how the others ended."""
 
-    __slots__ = ("_inflight", "ended", "held", "open", "outcomes")
+    __slots__ = ("_inflight", "ended", "fault", "held", "open", "outcomes")
 
-    def __init__(self, inflight: InFlight) -> None:
+    def __init__(self, inflight: InFlight, fault: Callable[[str, BaseException], None]) -> None:
         self._inflight = inflight
+        #: reports a fault of the bookkeeping (a source whose aclose() raised)
+        self.fault = fault
         self.open: dict[_Tracked, None] = {}
         #: streams ended from outside whose consumer still unwinds: the drain waits
         self.held = 0
@@ -178,7 +180,8 @@ class GuardedStream(Generic[T]):
     ) -> None:
         if source is not None and not hasattr(source, "__aiter__"):
             raise TypeError(f"stream() takes an async iterable, not {type(source).__name__}")
-        check_name(name)
+        name = check_name(name)
+        check_flag(raise_on_end, "raise_on_end")
         if send_timeout is not None:
             check_seconds(send_timeout, "send_timeout")
         if max_duration is not None:
@@ -307,8 +310,8 @@ class GuardedStream(Generic[T]):
             with anyio.CancelScope(shield=True):
                 try:
                     await aclose()
-                except Exception:
-                    logger.exception("closing the source of stream %r failed", self.name)
+                except Exception as exc:  # the stream has ended all the same
+                    self._registry.fault(f"closing the source of stream {self.name!r}", exc)
 
     # -- iteration -----------------------------------------------------------------
 

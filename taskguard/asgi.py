@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ._asgi_http import StreamControl, serve
 from ._asgi_lifespan import Lifespan, SignalChain
 from ._asgi_websocket import WebSocketSession, check_close_code
-from ._config import GuardConfig
+from ._config import GuardConfig, check_seconds
 from ._guard import TaskGuard
 
 try:  # only for the annotation FastAPI reads to inject the request
@@ -94,6 +94,15 @@ class TaskGuardMiddleware:
             raise TypeError("pass a guard or a config, not both")
         if signals not in ("auto", "off"):
             raise ValueError(f"signals must be 'auto' or 'off', not {signals!r}")
+        for what, value in (("send_timeout", send_timeout), ("max_duration", max_duration)):
+            if value is not None:
+                check_seconds(value, what)
+        if readiness_path is not None and (
+            not isinstance(readiness_path, str) or not readiness_path.startswith("/")
+        ):
+            raise ValueError(
+                f"readiness_path must be a path such as '/healthz/ready', not {readiness_path!r}"
+            )
         self.app = app
         self.guard = guard if guard is not None else TaskGuard(config)
         self.send_timeout = send_timeout

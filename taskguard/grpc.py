@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -31,6 +30,7 @@ import anyio
 import grpc
 import grpc.aio
 
+from ._config import check_seconds
 from ._exceptions import NotStartedError, ShuttingDownError
 from ._grpc_health import HEALTH_SERVICE, GuardHealthServicer
 from ._grpc_stream import StreamCall
@@ -83,10 +83,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not isinstance(guard, TaskGuard):
             raise TypeError(f"GuardInterceptor() takes a TaskGuard, not {guard!r}")
         for label, value in (("send_timeout", send_timeout), ("max_duration", max_duration)):
-            if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
-                raise ValueError(
-                    f"{label} must be a positive finite number of seconds, not {value!r}"
-                )
+            if value is not None:
+                check_seconds(value, label)
         self.guard = guard
         self.send_timeout = send_timeout
         self.max_duration = max_duration
@@ -312,10 +310,7 @@ async def serve(
     """
     exit_wait = guard.config.exit_wait_timeout
     if grace is not None:
-        if not isinstance(grace, (int, float)) or not 0 <= grace < math.inf:
-            raise ValueError(
-                f"grace must be a non-negative number of seconds or None, not {grace!r}"
-            )
+        grace = check_seconds(grace, "grace", positive=False)
         if grace > exit_wait:
             raise ValueError(
                 f"grace {grace:g}s is longer than the guard's exit_wait_timeout {exit_wait:g}s: "

@@ -71,28 +71,14 @@ SAFE_FIXTURES = frozenset(
 #: how long a finishing thread (a timer) may hold a guard after the test
 LEAK_GRACE = 0.5
 
-_FINDING_2 = (
-    "leak: finding 2: an abandoned task that ended later stays referenced "
-    "(taskguard._shutdown._ABANDONED), with its group and guard"
-)
-#: Leaks the check found in tests of other files, caused by the core: they are
-#: expected to fail with LeakError (strict: the fix makes them pass and the
-#: entry must go). Node id prefix -> reason.
-KNOWN_LEAKS: dict[str, str] = {
-    "tests/test_guarded.py::test_new_sections_refused_from_stopping_on": _FINDING_2,
-    "tests/test_handle.py::test_waiting_on_a_task_that_shutdown_abandons_does_": _FINDING_2,
-    "tests/test_guard.py::test_swallowing_task_is_abandoned_and_reported_stuck": _FINDING_2,
-    "tests/test_guard.py::test_bounded_even_with_a_hanging_hook_and_stuck_work": _FINDING_2,
-    "tests/test_groups.py::test_a_cancelled_task_ignoring_it_is_abandoned_after_": _FINDING_2,
-    "tests/test_groups.py::test_an_abandoned_task_that_fails_later_is_still_": _FINDING_2,
-    "tests/test_reliability.py::test_task_swallowing_cancellation_in_a_loop_is_": _FINDING_2,
-}
-
 #: Tests of other files the leak check does not apply to, and why.
+_GRPC_CONTEXTS = (
+    "grpc.aio keeps the contexts of its own callbacks and calls (created while the guard "
+    "was current: they hold it) in its process-wide poller until it is shut down"
+)
 NOT_CHECKED: dict[str, str] = {
-    "tests/test_grpc.py::": "the module's tests share one grpc.aio event loop: grpc's own "
-    "callbacks and calls, created while the guard was current, keep contexts that hold it "
-    "until that loop closes",
+    "tests/test_grpc.py::": _GRPC_CONTEXTS,
+    "tests/test_grpc_serve.py::": _GRPC_CONTEXTS,
 }
 
 
@@ -233,9 +219,6 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        for prefix, reason in KNOWN_LEAKS.items():
-            if item.nodeid.startswith(prefix):
-                item.add_marker(pytest.mark.xfail(strict=True, raises=LeakError, reason=reason))
         for prefix, reason in NOT_CHECKED.items():
             if item.nodeid.startswith(prefix):
                 item.add_marker(pytest.mark.no_leak_check(reason=reason))

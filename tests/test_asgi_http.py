@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -391,3 +392,77 @@ async def test_requests_leave_no_more_garbage_cycles_than_without_the_middleware
     mw = TaskGuardMiddleware(with_lifespan(app), signals="off")
     async with asgi_lifespan(mw):
         assert await garbage(mw) <= await garbage(with_lifespan(app))
+
+
+@pytest.mark.parametrize("spec", ["2.4", "2.3"])
+@pytest.mark.parametrize("cut", ["stalled", "disconnected", "interrupted", "expired"])
+async def test_a_cut_leaves_the_apps_generator_to_be_finalized_as_the_request_ends(
+    cut: str, spec: str
+) -> None:
+    # Cut while it waits at its yield (the app is in send), the generator is not
+    # aclose()d by Starlette: it goes with its last reference. The middleware holds
+    # none and makes no cycle (the collector is off here). Under ASGI < 2.4 (uvicorn
+    # says 2.3) Starlette streams from a child task, and on asyncio anyio's task_done
+    # keeps its CancelledError in a local of the frame that the exception's traceback
+    # holds: a cycle through the child's frames to the generator, left to the
+    # collector, as on a client disconnect without the middleware.
+    finals: list[int] = []
+
+    async def numbers() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                yield b"x"
+        finally:
+            finals.append(1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await StreamingResponse(numbers())(scope, receive, send)
+
+    async def finalized(asgi: Any) -> tuple[bool, bool]:
+        """Whether the generator was finalized as the request ended; after a collection."""
+        sent, left = 0, anyio.Event()
+
+        async def receive() -> Message:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            nonlocal sent
+            sent += 1
+            if sent == 5 and cut == "stalled":
+                await anyio.sleep_forever()  # the client stopped reading
+            elif sent == 5 and cut == "disconnected":
+                left.set()
+            elif sent == 5 and cut == "interrupted":
+                mw.guard.shutdown("test")
+            await anyio.sleep(0.01)  # a slow client: the app waits in send
+
+        finals.clear()
+        gc.collect()
+        gc.disable()
+        try:
+            with warnings.catch_warnings():  # trio's, on an unexhausted generator
+                warnings.simplefilter("ignore", ResourceWarning)
+                with anyio.fail_after(5):
+                    await asgi({**SCOPE, "asgi": {"spec_version": spec}}, receive, send)
+                await anyio.sleep(0.05)  # its aclose() (the loop's finalizer hook) runs
+                at_once = bool(finals)
+                gc.collect()
+                await anyio.sleep(0.05)
+        finally:
+            gc.enable()
+        return at_once, bool(finals)
+
+    expires = 0.1 if cut == "expired" else None
+    mw = TaskGuardMiddleware(
+        with_lifespan(app), send_timeout=0.2, max_duration=expires, signals="off"
+    )
+    async with asgi_lifespan(mw):
+        at_once, collected = await finalized(mw)
+    assert mw.guard.report.streams == {cut: 1}
+    assert collected  # nothing live holds it
+    if spec == "2.4":  # streamed from the app's own task
+        assert at_once
+    else:  # as Starlette leaves it without the middleware when the client leaves
+        cut = "disconnected"
+        assert at_once == (await finalized(app))[0]

@@ -43,6 +43,15 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 
+# pytest.raises keeps the failure's traceback for the test's report; its frames
+# (the test's, TestClient's, the lifespan's) hold the middleware. Outside pytest the
+# same sequence frees the guard: test_a_failed_lifespan_keeps_nothing checks it.
+KEPT_BY_PYTEST_RAISES = pytest.mark.no_leak_check(
+    reason="pytest.raises holds the lifespan failure's traceback; see "
+    "test_a_failed_lifespan_keeps_nothing"
+)
+
+
 def _within(seconds: float, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a thread; fail (instead of hanging the suite) if it takes longer."""
     result: list[Any] = []
@@ -71,6 +80,7 @@ def _enter_and_leave(app: Any) -> None:
 # -- failures reach the server as without the middleware (Starlette's own tests) ----
 
 
+@KEPT_BY_PYTEST_RAISES
 def test_an_error_on_startup_is_raised_by_the_test_client() -> None:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -113,6 +123,7 @@ def test_an_exception_in_a_middleware_is_raised_by_the_test_client() -> None:
         _within(10, lambda: _enter_and_leave(mw))
 
 
+@KEPT_BY_PYTEST_RAISES
 def test_a_lifespan_that_crashes_after_startup_raises_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -130,6 +141,55 @@ def test_a_lifespan_that_crashes_after_startup_raises_at_shutdown(
     with caplog.at_level(logging.WARNING, "taskguard"), pytest.raises(LookupError):
         _within(10, lambda: _enter_and_leave(mw))
     assert mw.guard.report.clean
+
+
+FREED_SCRIPT = """
+import contextlib, gc, sys, warnings, weakref
+warnings.simplefilter("ignore")
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+from taskguard.asgi import TaskGuardMiddleware
+
+async def crash_after_startup(scope, receive, send):
+    await receive()
+    await send({"type": "lifespan.startup.complete"})
+    raise LookupError("lifespan crashed")
+
+@contextlib.asynccontextmanager
+async def fails_on_startup(app):
+    raise RuntimeError("Startup error")
+    yield
+
+def once(app):
+    mw = TaskGuardMiddleware(app, signals="off")
+    try:
+        with TestClient(mw):
+            pass
+    except (RuntimeError, LookupError):
+        pass
+    else:
+        sys.exit("no failure reached the test client")
+    return weakref.ref(mw.guard)
+
+refs = [once(Starlette(lifespan=fails_on_startup)), once(crash_after_startup)]
+gc.collect()
+print("alive:", sum(ref() is not None for ref in refs))
+"""
+
+
+def test_a_failed_lifespan_keeps_nothing(tmp_path: Path) -> None:
+    """A lifespan that fails at startup or crashes after it: once the server has
+    the failure, nothing holds the guard (its own process: no pytest frames)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "freed.py"
+    script.write_text(FREED_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "alive: 0", done.stdout + done.stderr
 
 
 # -- an app without lifespan support, under a real server ----------------------------

@@ -37,7 +37,6 @@ from faults_scenario import (
     BACKENDS,
     BUDGET,
     CANCEL_GRACE,
-    ERRORS_FIELD,
     EXIT_WAIT,
     EXPECTED_STEPS,
     HOOK_TIMEOUT,
@@ -50,7 +49,7 @@ from faults_scenario import (
     run_scenario,
     scenario,
 )
-from helpers_reliability import Hygiene, LeakError, forget_dead_guard
+from helpers_reliability import Hygiene, forget_dead_guard
 
 import taskguard
 from taskguard import ShutdownReport, TaskGuard
@@ -84,7 +83,6 @@ def test_a_hook_or_resource_exit_that_raises_is_reported_and_the_rest_runs(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=ERRORS_FIELD)
 def test_an_error_handler_that_raises_is_a_bookkeeping_error(backend: str) -> None:
     seen, report, took, escaped = run_scenario(backend, Faults(error_handler="raise"))
     report = check_survived(seen, report, took, escaped)
@@ -93,7 +91,6 @@ def test_an_error_handler_that_raises_is_a_bookkeeping_error(backend: str) -> No
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(strict=True, reason=ERRORS_FIELD)
 def test_a_stream_source_whose_aclose_raises_is_a_bookkeeping_error(backend: str) -> None:
     seen, report, took, escaped = run_scenario(backend, Faults(source_aclose="raise"))
     report = check_survived(seen, report, took, escaped)
@@ -155,12 +152,6 @@ def test_the_scenario_logs_the_records_the_logging_faults_hit(backend: str) -> N
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["taskguard", "root"])
 @pytest.mark.parametrize("at", range(RECORDS))
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: a logging handler whose emit raises kills the supervisor (drain work is not "
-    "awaited, hooks do not run) or escapes into the app; design: it survives its own "
-    "bookkeeping errors",
-)
 def test_a_logging_handler_that_raises_once_does_not_break_the_sequence(
     backend: str, where: str, at: int
 ) -> None:
@@ -177,11 +168,6 @@ def test_a_logging_handler_that_raises_once_does_not_break_the_sequence(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: when building the report raises, the supervisor dies: `async with guard` "
-    "raises RuntimeError ('its report is built when it closes') and no report exists",
-)
 def test_building_the_report_raises_once(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import taskguard._shutdown as shutdown_module
 
@@ -202,11 +188,6 @@ def test_building_the_report_raises_once(backend: str, monkeypatch: pytest.Monke
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: a guard whose `async with` raised (its supervisor died) stays registered "
-    "as running: taskguard.current() returns the dead guard for the rest of the process",
-)
 def test_a_guard_whose_shutdown_failed_is_not_current_any_more(
     backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,11 +219,6 @@ def test_a_guard_whose_shutdown_failed_is_not_current_any_more(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: when the report's summary() raises, the supervisor dies after the report "
-    "was built: `async with guard` raises, nothing says why the shutdown is unclean",
-)
 def test_the_report_summary_raises_once(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     real = ShutdownReport.summary
     calls = [0]
@@ -263,7 +239,6 @@ def test_the_report_summary_raises_once(backend: str, monkeypatch: pytest.Monkey
 # -- the trigger callback (taskguard.run's watchdog) fails -----------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=ERRORS_FIELD + "; a watchdog that failed to start")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_watchdog_that_fails_to_start_is_reported(
     backend: str, monkeypatch: pytest.MonkeyPatch
@@ -272,12 +247,12 @@ def test_a_watchdog_that_fails_to_start_is_reported(
     # timer thread; a process out of threads makes that raise ("can't start new
     # thread"). The shutdown goes on, but the process has no hard deadline: the
     # report must say so.
-    import taskguard._runner as runner_module
+    import taskguard._watchdog as watchdog_module
 
-    def cannot_start(self: Any, guard: TaskGuard) -> None:
+    def cannot_start(self: Any, *args: Any) -> None:
         raise RuntimeError("can't start new thread")
 
-    monkeypatch.setattr(runner_module._Watchdog, "start", cannot_start)
+    monkeypatch.setattr(watchdog_module.Watchdog, "__init__", cannot_start)
     seen = Seen()
 
     async def main(guard: TaskGuard) -> None:
@@ -330,11 +305,6 @@ def test_an_error_handler_that_blocks_delays_but_does_not_break_the_shutdown(
     check_survived(seen, report, took, escaped, extra=1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=LeakError,
-    reason="leak: finding 2: the abandoned consumer task stays referenced after it ended",
-)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_stream_source_whose_aclose_hangs_leaves_the_shutdown_bounded(backend: str) -> None:
     # aclose runs shielded (the source's finally must run): a hanging one holds

@@ -118,7 +118,10 @@ async def test_an_error_handler_that_raises_is_survived(caplog: pytest.LogCaptur
         assert await guard.spawn(after).wait() == "ok"
     assert guard.report.groups["default"].failed == 1
     assert guard.report.groups["default"].completed == 1
-    assert "the error_handler raised" in caplog.text
+    assert "taskguard: the error_handler, handling task 'boom' failed" in caplog.text
+    assert guard.report.errors == [
+        "the error_handler, handling task 'boom': RuntimeError: handler bug"
+    ]
 
 
 async def test_on_error_shutdown_requests_shutdown() -> None:

@@ -43,7 +43,8 @@ README = ROOT / "README.md"
 
 SETUP = "python3 -m venv .venv && .venv/bin/pip install -e '.[grpc]' && .venv/bin/taskguard demo"
 TEST_COMMAND = (
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest"
+    "sh tests/system-servers.sh && python3 -m venv .venv && "
+    ".venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest -n 4"
 )
 QUICKSTART = ".venv/bin/python examples/quickstart.py"
 TASKGUARD_RUN = (

@@ -121,7 +121,7 @@ else:
         assert proc.wait_line("STATE") == "STATE closed", proc.stderr()
         groups = proc.report()["groups"]["default"]
         assert (groups["completed"], groups["failed"]) == (1, 1)
-        assert "the error_handler raised" in proc.stderr()
+        assert "the error_handler, handling task 'fails' failed" in proc.stderr()
 
 
 # -- signals (real subprocess, real os.kill) -----------------------------------------

@@ -129,22 +129,9 @@ def start_blocked(proc: Proc, phase: str, sig: int) -> float:
     return first
 
 
-def _xfail_running(phase: str) -> list[pytest.MarkDecorator]:
-    return [pytest.mark.xfail(strict=True, reason=FINDING_6)] if phase == "running" else []
-
-
-def _xfail_trio_coalesces(backend: str, phase: str) -> list[pytest.MarkDecorator]:
-    # asyncio queues both signals and acts on them once the loop runs again; trio
-    # counts two signals that arrived while the loop was blocked as one
-    if backend == "trio" and phase == "running":
-        return [pytest.mark.xfail(strict=True, reason=FINDING_6 + " (trio: two count as one)")]
-    return []
-
-
 # -- the third signal ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=FINDING_6)
 @pytest.mark.parametrize(
     ("phase", "sig"),
     [(phase, signal.SIGTERM) for phase in PHASES]
@@ -155,7 +142,9 @@ def _xfail_trio_coalesces(backend: str, phase: str) -> list[pytest.MarkDecorator
 def test_third_signal_ends_the_process_at_once_while_the_loop_is_blocked(
     tmp_path: Path, backend: str, phase: str, sig: int
 ) -> None:
-    exit_wait = 1.0 if phase == "stopping" else 30.0
+    # the long work holds the drain: a short exit wait lets the sequence reach the
+    # phases that come after it
+    exit_wait = 1.0 if phase in ("stopping", "after_drain") else 30.0
     args = (backend, phase, str(FOREVER), str(exit_wait), "30")
     with run_script(tmp_path, BLOCKED_SCRIPT, *args) as proc:
         start_blocked(proc, phase, sig)
@@ -180,7 +169,7 @@ BLOCK = 3.0  # a block that ends: what the second signal did shows once the loop
 @pytest.mark.parametrize(
     ("backend", "phase"),
     [
-        pytest.param(backend, phase, marks=_xfail_trio_coalesces(backend, phase))
+        pytest.param(backend, phase)
         for backend in BACKENDS
         for phase in ("running", "drain_delay", "before_drain", "drain")
     ],
@@ -209,16 +198,7 @@ def test_second_signal_while_the_loop_is_blocked_forces_the_drain(
     "backend",
     [
         "asyncio",
-        pytest.param(
-            "trio",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="new: on trio a signal still pending when the guard closes its signal "
-                "receiver is re-delivered (trio's open_signal_receiver) with the default "
-                "action: the process dies by SIGTERM (-15) after a complete shutdown, before "
-                "run() returns its report",
-            ),
-        ),
+        "trio",
     ],
 )
 def test_second_signal_while_an_after_drain_hook_blocks_changes_nothing(
@@ -241,9 +221,7 @@ def test_second_signal_while_an_after_drain_hook_blocks_changes_nothing(
 # -- the hard deadline -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "phase", [pytest.param(phase, marks=_xfail_running(phase)) for phase in PHASES]
-)
+@pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hard_deadline_holds_from_the_first_signal_even_if_the_loop_never_runs_again(
     tmp_path: Path, backend: str, phase: str

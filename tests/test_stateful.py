@@ -33,8 +33,8 @@ Tasks and threads that ignore cancellation are released after the checks
 abandoned tasks end later: each handle ends (completed, with the released
 task's result), the report already built does not change, and, in examples
 where nothing was abandoned, the guard and every handle are collectable once
-the portal is closed (with an abandoned task that is finding 2 of issue 11:
-tests/conftest.py's KNOWN_LEAKS).
+the portal is closed, abandoned tasks or not (finding 2 of issue 11: an
+abandoned task that ends later released nothing).
 """
 
 from __future__ import annotations
@@ -411,7 +411,7 @@ class GuardMachine(TruthChecks, RuleBasedStateMachine):
 
     def _check_collectable(self) -> None:
         """Once the portal is closed, the guard and every handle can be collected
-        (unless a task was abandoned: finding 2 of issue 11, see conftest.KNOWN_LEAKS)."""
+        (an abandoned task, released and ended, keeps nothing: finding 2 of issue 11)."""
         refs = [weakref.ref(self.guard), *map(weakref.ref, self.truth.handles.values())]
         self.guard = self.guard_cm = None  # type: ignore[assignment]
         self.truth.handles.clear()
@@ -424,26 +424,11 @@ class GuardMachine(TruthChecks, RuleBasedStateMachine):
                 record.exc_info = None
         gc.collect()
         alive = [obj for ref in refs if (obj := ref()) is not None]
-        if not self.abandoned:
-            assert alive == [], alive
-        event(
-            "abandoned a task; " + ("still referenced (finding 2)" if alive else "nothing kept")
-            if self.abandoned
-            else "nothing abandoned; nothing kept"
-        )
+        assert alive == [], alive
+        event("abandoned a task; nothing kept" if self.abandoned else "nothing abandoned")
 
 
-_SECTION_CUT_RACE = pytest.mark.xfail(
-    strict=True,
-    reason="new: on asyncio a guarded section whose last await completes in the loop step "
-    "where the deadline cuts is counted cut, though it raised no ShuttingDownError and the "
-    "code after it ran",
-)
-
-
-@pytest.mark.parametrize(
-    "anyio_backend", [pytest.param("asyncio", marks=_SECTION_CUT_RACE), "trio"]
-)
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.anyio
 async def test_a_section_that_completes_as_the_deadline_hits_is_not_counted_cut() -> None:
     # Found by the state machine under load; made deterministic here: the forced
@@ -484,8 +469,8 @@ SETTINGS = settings(
 
 @pytest.mark.slow
 @pytest.mark.no_leak_check(
-    reason="the machine checks per example that the guard and its handles are collectable "
-    "(the conftest check would see the abandoned tasks of finding 2 in every run)"
+    reason="the machine checks per example that the guard and its handles are collectable, "
+    "once its own abandoned tasks were released"
 )
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_guard_state_machine(backend: str) -> None:

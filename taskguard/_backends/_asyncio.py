@@ -79,6 +79,9 @@ class _CancelTask:
     """A section's stand-in cancel scope: cancels its task (``task_canceller``)."""
 
     __slots__ = ("task",)
+    #: it catches nothing: the task's cancellation leaves the section, and its
+    #: closer is told so (``section.close(cancelled=True)``)
+    cancelled_caught = False
 
     def __init__(self, task: asyncio.Task[Any] | None) -> None:
         self.task = task
