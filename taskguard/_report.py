@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -66,6 +67,26 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+class _EncodableLines(logging.Filter):
+    """Log lines of the ``taskguard`` logger made UTF-8 encodable: a name with a lone
+    surrogate would make a UTF-8 handler fail with "--- Logging error ---" and
+    lose the line (and break tools that ship log records, as pytest-xdist does)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True  # a bad format: logging reports it as it always does
+        if not text.isascii():
+            safe = _json_safe(text)
+            if safe is not text:
+                record.msg, record.args = safe, ()
+        return True
+
+
+logging.getLogger("taskguard").addFilter(_EncodableLines())
 
 
 class GroupReport(_Model):

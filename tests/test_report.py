@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import anyio
 import pytest
@@ -99,3 +100,23 @@ async def test_report_before_close_raises() -> None:
     async with guard:
         with pytest.raises(RuntimeError, match="running"):
             _ = guard.report
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_log_lines_stay_encodable_with_a_lone_surrogate_in_a_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fails() -> None:
+        raise ValueError("x")
+
+    with caplog.at_level(logging.INFO, "taskguard"):
+        async with TaskGuard(exit_wait_timeout=1) as guard:
+            guard.spawn(fails, name="caf\udce9")
+            await anyio.sleep(0.01)
+            guard.shutdown("deploy \ud800")
+    lines = [r.getMessage() for r in caplog.records if r.name == "taskguard"]
+    assert any("caf\\udce9" in line for line in lines), lines
+    assert any("deploy \\ud800" in line for line in lines), lines
+    for line in lines:
+        line.encode("utf-8")  # a UTF-8 handler can write every line
