@@ -25,7 +25,7 @@ import h2.events
 import httpx
 import pytest
 
-from tests.servers import running_server
+from servers import running_server
 
 pytestmark = pytest.mark.slow  # real server processes
 
