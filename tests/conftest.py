@@ -19,9 +19,11 @@ the environment shows more).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import os
+import sys
 import time
 import types
 import weakref
@@ -40,10 +42,32 @@ from helpers_reliability import LeakError  # noqa: E402
 from taskguard import TaskGuard, TaskHandle  # noqa: E402
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    """Core tests run on both backends (anyio's pytest plugin)."""
-    return str(request.param)
+def _eager_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose tasks run their first step inside ``create_task``
+    (Python 3.12+): a task may end inside ``spawn()``."""
+    loop = asyncio.new_event_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    return loop
+
+
+@pytest.fixture(
+    params=[
+        "asyncio",
+        "trio",
+        pytest.param(
+            ("asyncio", {"loop_factory": _eager_loop}),
+            id="asyncio-eager",
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 12), reason="asyncio.eager_task_factory is 3.12+"
+            ),
+        ),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """Core tests run on both backends (anyio's pytest plugin), and on asyncio
+    with an eager task factory where Python has one (3.12+). Tests that need
+    the backend's name take ``anyio_backend_name``."""
+    return request.param
 
 
 # -- the leak check --------------------------------------------------------------------

@@ -216,11 +216,11 @@ async def test_one_section_object_shared_by_tasks_threads_and_nesting() -> None:
 
 
 async def test_entering_from_another_threads_event_loop_leaves_no_phantom_section(
-    anyio_backend: str,
+    anyio_backend_name: str,
 ) -> None:
     # Finding 9: the entry raised an unclear error after counting the section,
     # which then kept shutdown waiting and was reported stuck.
-    other = "trio" if anyio_backend == "asyncio" else "asyncio"
+    other = "trio" if anyio_backend_name == "asyncio" else "asyncio"
     errors: list[BaseException] = []
     guard = TaskGuard(exit_wait_timeout=2)
 

@@ -127,7 +127,7 @@ async def test_a_base_exception_raised_while_being_cancelled_stays_in_the_task(
     assert guard.report.groups["default"].failed == 1
 
 
-async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend: str) -> None:
+async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend_name: str) -> None:
     import asyncio
     import inspect
 
@@ -140,7 +140,7 @@ async def test_a_running_task_shows_the_coroutine_it_runs(anyio_backend: str) ->
     async with TaskGuard() as guard:
         handle = guard.spawn(sleeper_for_the_stack)
         await started.wait()
-        if anyio_backend == "asyncio":
+        if anyio_backend_name == "asyncio":
             task = handle._task
             assert isinstance(task, asyncio.Task)
             # debuggers, asyncio and anyio see through the handle to the coroutine
