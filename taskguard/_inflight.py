@@ -38,6 +38,12 @@ class InFlight:
         """Count ``busy()`` (true while the part has work in flight) in :meth:`idle`."""
         self._parts.append(busy)
 
+    @property
+    def waiting(self) -> bool:
+        """Whether the supervisor has started waiting (readable from any thread: a
+        part on another thread needs to wake the loop only from then on)."""
+        return self._wake is not None
+
     def idle(self) -> bool:
         return not any(busy() for busy in self._parts)
 

@@ -335,11 +335,11 @@ class Shutdown:
         run.streams.interrupt_all()
         await let_cancellations_land()
         grace_end = anyio.current_time() + run.config.cancel_grace
-        while not self._idle():
+        while True:
+            wake = run.inflight.arm()  # before the check: a thread's exit now wakes it
             delay = grace_end - anyio.current_time()
-            if delay <= 0:
+            if self._idle() or delay <= 0:
                 break
-            wake = run.inflight.arm()
             with anyio.move_on_after(delay):
                 await wake.wait()
         for grp in list(run.groups.values()):
