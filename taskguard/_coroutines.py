@@ -84,6 +84,13 @@ def coroutine_of(fn: Any, args: tuple[Any, ...]) -> Coroutine[Any, Any, Any]:
                 )
             return take(fn)
         raise TypeError(f"spawn() takes an async function or a coroutine object, not {fn!r}")
+    if isinstance(fn, type):
+        # Calling a class runs its constructor in the caller, whose own error
+        # (int(inf): OverflowError) would hide the mistake: no class makes coroutines.
+        raise TypeError(
+            f"spawn() takes an async function or a coroutine object, not the class "
+            f"{fn.__qualname__!r}"
+        )
     return checked(fn, fn(*args))
 
 

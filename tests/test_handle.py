@@ -411,3 +411,11 @@ async def test_bad_coroutines_are_refused_at_the_call() -> None:
             guard.spawn(job(), name=b"x")  # type: ignore[arg-type]
         del with_args
         gc.collect()  # filterwarnings=error: a "never awaited" warning fails the test
+
+
+async def test_a_class_is_refused_before_it_is_called() -> None:
+    # Found by the fuzz suite: spawn(int, inf) ran int(inf) in the caller and
+    # raised its OverflowError, which says nothing about the mistake.
+    async with TaskGuard() as guard:
+        with pytest.raises(TypeError, match="not the class 'int'"):
+            guard.spawn(int, float("inf"))  # type: ignore[arg-type]
