@@ -429,6 +429,8 @@ async def test_stream_control_and_guard_are_found_from_the_request() -> None:
 
     async def endpoint(request: Request) -> PlainTextResponse:
         seen.append((stream_control(request), taskguard.asgi.get_guard(request)))
+        # the ASGI scope works as well as the request
+        seen.append((stream_control(request.scope), taskguard.asgi.get_guard(request.scope)))
         return PlainTextResponse("ok")
 
     mw = TaskGuardMiddleware(Starlette(routes=[Route("/", endpoint)]), signals="off")
@@ -436,5 +438,6 @@ async def test_stream_control_and_guard_are_found_from_the_request() -> None:
         assert (await http.get("/")).text == "ok"
     assert seen[0][1] is mw.guard
     assert seen[0][0].outcome is None  # not a stream
+    assert seen[1] == seen[0]
     with pytest.raises(LookupError, match="TaskGuardMiddleware"):
         stream_control({"type": "http"})
