@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 import taskguard
 import taskguard.asgi
@@ -25,7 +26,6 @@ from taskguard.testing import asgi_lifespan
 
 pytestmark = pytest.mark.anyio
 
-Message = dict[str, Any]
 
 
 def make_app(events: list[str], fail: str | None = None) -> Starlette:
@@ -239,8 +239,9 @@ class Producer:
                 if message["type"] == "lifespan.shutdown":
                     return
         self.scope = scope
-        if self.final is not None:
-            stream_control(scope).final_message = lambda sent: self.final + b"%d" % sent
+        final = self.final
+        if final is not None:
+            stream_control(scope).final_message = lambda sent: final + b"%d" % sent
         await send({"type": "http.response.start", "status": 200, "headers": []})
         try:
             for _ in range(self.n):
@@ -268,7 +269,8 @@ def receiver(disconnect_after: float | None = None) -> Any:
             return {"type": "http.request", "body": b"", "more_body": False}
         if disconnect_after is None:
             await anyio.sleep_forever()
-        await anyio.sleep(disconnect_after)
+        else:
+            await anyio.sleep(disconnect_after)
         return {"type": "http.disconnect"}
 
     return receive
