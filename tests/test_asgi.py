@@ -27,7 +27,6 @@ from taskguard.testing import asgi_lifespan
 pytestmark = pytest.mark.anyio
 
 
-
 def make_app(events: list[str], fail: str | None = None) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
