@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 try:
-    from grpc_health.v1 import health_pb2  # type: ignore[import-untyped]
+    from grpc_health.v1 import health_pb2
 except ImportError as exc:  # pragma: no cover - the grpc extra installs it
     raise ImportError(
         "taskguard.grpc needs grpcio-health-checking: pip install 'taskguard[grpc]'"

@@ -46,7 +46,7 @@ def load_env(prefix: str, overrides: dict[str, Any]) -> GuardConfig:
             ],
         )
     try:
-        loaded = _EnvGuardConfig(_env_prefix=prefix, **overrides)  # type: ignore[call-arg]
+        loaded = _EnvGuardConfig(_env_prefix=prefix, **overrides)
     except SettingsError as exc:
         # Unparsable JSON in a complex field (groups, exit_signals): pydantic-settings
         # raises its own error before validation; report it like any other bad value.

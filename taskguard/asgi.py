@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._asgi_http import StreamControl, serve
 from ._asgi_lifespan import Lifespan, SignalChain
@@ -34,8 +34,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+if TYPE_CHECKING:
+    _RequestOrScope = HTTPConnection | Scope
+else:  # FastAPI reads this annotation to inject the request: a union would be a query field
+    _RequestOrScope = HTTPConnection
 
-def stream_control(request: HTTPConnection) -> StreamControl:
+
+def stream_control(request: _RequestOrScope) -> StreamControl:
     """The :class:`StreamControl` of a request (a Starlette request or an ASGI scope).
 
     Usable as a FastAPI dependency: ``ctl: StreamControl = Depends(stream_control)``.
@@ -50,8 +55,9 @@ def stream_control(request: HTTPConnection) -> StreamControl:
     return control
 
 
-def get_guard(request: HTTPConnection) -> TaskGuard:
-    """The guard of the middleware; a FastAPI dependency: ``Depends(get_guard)``."""
+def get_guard(request: _RequestOrScope) -> TaskGuard:
+    """The guard of the middleware (from a request or an ASGI scope); a FastAPI dependency:
+    ``Depends(get_guard)``."""
     return stream_control(request).guard
 
 

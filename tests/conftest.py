@@ -142,7 +142,7 @@ class _Tracker:
         # traceback whose frames hold the failed task's handle. In production a
         # record is formatted and dropped: drop the traceback here too.
         for when in ("setup", "call"):
-            for record in caplog.get_records(when):  # type: ignore[arg-type]
+            for record in caplog.get_records(when):
                 record.exc_info = None
         # taskguard.run's watchdog timer thread, just cancelled, holds the guard
         # until its thread is gone (a moment after run() returned): a short grace.

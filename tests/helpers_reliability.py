@@ -293,6 +293,6 @@ def forget_dead_guard(guard: object) -> bool:
 
     running = _current._RUNNING
     if guard in running:
-        running.remove(guard)  # type: ignore[arg-type]
+        running.remove(guard)
         return True
     return False

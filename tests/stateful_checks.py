@@ -233,14 +233,14 @@ class TruthChecks:
 
         # 8. streams: each ended once, its source closed once, the report agrees
         seen_streams = Counter[str]()
-        for name, rec in truth.streams.items():
-            if rec.stream is None:
+        for name, stream_rec in truth.streams.items():
+            if stream_rec.stream is None:
                 continue  # its consumer never ran (cancelled before it started)
-            assert rec.outcome is not None, (name, rec)
-            assert rec.stream.outcome is not None, (name, rec)
-            if rec.source_started:
-                assert rec.source_closed == 1, (name, rec)  # its finally ran, once
-            seen_streams[rec.outcome] += 1
+            assert stream_rec.outcome is not None, (name, stream_rec)
+            assert stream_rec.stream.outcome is not None, (name, stream_rec)
+            if stream_rec.source_started:
+                assert stream_rec.source_closed == 1, (name, stream_rec)  # its finally ran, once
+            seen_streams[stream_rec.outcome] += 1
         got_streams = {k: v for k, v in report.streams.items() if k != "open"}
         assert got_streams == dict(seen_streams), (report.streams, dict(seen_streams))
         assert "open" not in report.streams, report.streams

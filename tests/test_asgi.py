@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 import taskguard
 import taskguard.asgi
@@ -24,8 +25,6 @@ from taskguard.asgi import TaskGuardMiddleware, stream_control
 from taskguard.testing import asgi_lifespan
 
 pytestmark = pytest.mark.anyio
-
-Message = dict[str, Any]
 
 
 def make_app(events: list[str], fail: str | None = None) -> Starlette:
@@ -239,8 +238,9 @@ class Producer:
                 if message["type"] == "lifespan.shutdown":
                     return
         self.scope = scope
-        if self.final is not None:
-            stream_control(scope).final_message = lambda sent: self.final + b"%d" % sent
+        final = self.final
+        if final is not None:
+            stream_control(scope).final_message = lambda sent: final + b"%d" % sent
         await send({"type": "http.response.start", "status": 200, "headers": []})
         try:
             for _ in range(self.n):
@@ -268,7 +268,8 @@ def receiver(disconnect_after: float | None = None) -> Any:
             return {"type": "http.request", "body": b"", "more_body": False}
         if disconnect_after is None:
             await anyio.sleep_forever()
-        await anyio.sleep(disconnect_after)
+        else:
+            await anyio.sleep(disconnect_after)
         return {"type": "http.disconnect"}
 
     return receive
@@ -429,6 +430,8 @@ async def test_stream_control_and_guard_are_found_from_the_request() -> None:
 
     async def endpoint(request: Request) -> PlainTextResponse:
         seen.append((stream_control(request), taskguard.asgi.get_guard(request)))
+        # the ASGI scope works as well as the request
+        seen.append((stream_control(request.scope), taskguard.asgi.get_guard(request.scope)))
         return PlainTextResponse("ok")
 
     mw = TaskGuardMiddleware(Starlette(routes=[Route("/", endpoint)]), signals="off")
@@ -436,5 +439,6 @@ async def test_stream_control_and_guard_are_found_from_the_request() -> None:
         assert (await http.get("/")).text == "ok"
     assert seen[0][1] is mw.guard
     assert seen[0][0].outcome is None  # not a stream
+    assert seen[1] == seen[0]
     with pytest.raises(LookupError, match="TaskGuardMiddleware"):
         stream_control({"type": "http"})

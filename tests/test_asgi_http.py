@@ -21,6 +21,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message, Scope
 
 import taskguard
 from taskguard.asgi import TaskGuardMiddleware
@@ -28,8 +29,7 @@ from taskguard.testing import asgi_lifespan
 
 pytestmark = pytest.mark.anyio
 
-Message = dict[str, Any]
-SCOPE = {
+SCOPE: Scope = {
     "type": "http",
     "http_version": "1.1",
     "method": "GET",

@@ -255,8 +255,8 @@ def test_trailers_pass_through_in_order_over_http2(kind: str, app_dir: Path) -> 
 
 @pytest.mark.parametrize("kind", SERVERS)
 def test_responses_sent_while_draining_carry_connection_close(kind: str, app_dir: Path) -> None:
-    draining = env(app_dir, DRAIN_DELAY="30", EXIT_WAIT="60")
-    with running_server(kind, "tg_app:app", app_dir, env=draining) as server:
+    slow_drain = env(app_dir, DRAIN_DELAY="30", EXIT_WAIT="60")
+    with running_server(kind, "tg_app:app", app_dir, env=slow_drain) as server:
         with httpx.Client(base_url=server.url, timeout=10) as client:
             running = client.get("/hello")
             assert "connection" not in running.headers

@@ -151,7 +151,7 @@ async def test_concurrent_spawns_share_a_commit_and_run_once_per_key(db: Path) -
         for i in range(50):
             assert handles[i] is handles[i % 10]
         GATE.setdefault("held", anyio.Event()).set()
-    assert sorted(r[3] for r in RUNS) == sorted(f"k{i}" for i in range(10))
+    assert sorted(str(r[3]) for r in RUNS) == sorted(f"k{i}" for i in range(10))
 
 
 async def test_arguments_are_validated_and_refused_naming_the_argument(db: Path) -> None:
@@ -163,7 +163,7 @@ async def test_arguments_are_validated_and_refused_naming_the_argument(db: Path)
         with pytest.raises(TypeError, match="missing a required argument: 'x'"):
             await record.spawn()
         with pytest.raises(TypeError, match=r"key=.* must be a str"):
-            await record.spawn(1, key=5)
+            await record.spawn(1, key=5)  # type: ignore[arg-type]
     assert rows(db) == []
     assert RUNS == []
 

@@ -53,6 +53,7 @@ from helpers_reliability import Hygiene, forget_dead_guard
 
 import taskguard
 from taskguard import ShutdownReport, TaskGuard
+from taskguard._backends import BackendName
 
 # -- the baseline: nothing fails --------------------------------------------------------------
 
@@ -74,7 +75,8 @@ def test_the_scenario_is_clean_without_faults(backend: str) -> None:
 def test_a_hook_or_resource_exit_that_raises_is_reported_and_the_rest_runs(
     backend: str, step: str
 ) -> None:
-    seen, report, took, escaped = run_scenario(backend, Faults(**{step: "raise"}))
+    fault: dict[str, Any] = {step: "raise"}  # the field the parameter names
+    seen, report, took, escaped = run_scenario(backend, Faults(**fault))
     report = check_survived(seen, report, took, escaped)
     failed = [h for h in report.hooks if h.outcome != "ok"]
     assert [h.outcome for h in failed] == ["error"], report.hooks
@@ -171,7 +173,7 @@ def test_a_logging_handler_that_raises_once_does_not_break_the_sequence(
 def test_building_the_report_raises_once(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import taskguard._shutdown as shutdown_module
 
-    real = shutdown_module.ShutdownReport
+    real = ShutdownReport  # the class _shutdown builds (taskguard exports it)
     calls = [0]
 
     def build_once_failing(**fields: Any) -> ShutdownReport:
@@ -241,7 +243,7 @@ def test_the_report_summary_raises_once(backend: str, monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_watchdog_that_fails_to_start_is_reported(
-    backend: str, monkeypatch: pytest.MonkeyPatch
+    backend: BackendName, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The shutdown trigger callback of taskguard.run starts the hard-deadline
     # timer thread; a process out of threads makes that raise ("can't start new
@@ -284,7 +286,8 @@ def test_a_watchdog_that_fails_to_start_is_reported(
 def test_a_hook_or_resource_exit_that_hangs_is_cut_and_the_rest_runs(
     backend: str, step: str
 ) -> None:
-    seen, report, took, escaped = run_scenario(backend, Faults(**{step: "hang"}))
+    fault: dict[str, Any] = {step: "hang"}  # the field the parameter names
+    seen, report, took, escaped = run_scenario(backend, Faults(**fault))
     report = check_survived(seen, report, took, escaped)
     cut = [h for h in report.hooks if h.outcome != "ok"]
     assert len(cut) == 1, report.hooks

@@ -97,7 +97,7 @@ def make_fn(kind: str) -> Any:
     async def agen(*args: object) -> AsyncIterator[int]:
         yield 1
 
-    return {
+    makers: dict[str, Callable[[], Any]] = {
         "async_fn": lambda: ok,
         "async_fn_raises": lambda: fails,
         "lambda_coroutine": lambda: lambda *a: ok(*a),
@@ -113,7 +113,8 @@ def make_fn(kind: str) -> Any:
         "class": lambda: int,
         "evil": Evil,
         "none": lambda: None,
-    }[kind]()
+    }
+    return makers[kind]()
 
 
 async def _spawn_case(ex: Exercise, spawn: Callable[..., Any], data: st.DataObject) -> None:

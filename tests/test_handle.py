@@ -406,9 +406,9 @@ async def test_bad_coroutines_are_refused_at_the_call() -> None:
         with pytest.raises(TypeError):
             guard.spawn(with_args, 1)  # type: ignore[call-overload]
         with pytest.raises(TypeError, match="name"):
-            guard.spawn(job, name=123)  # type: ignore[arg-type]
+            guard.spawn(job, name=123)  # type: ignore[call-arg, call-overload]
         with pytest.raises(TypeError, match="name"):
-            guard.spawn(job(), name=b"x")  # type: ignore[arg-type]
+            guard.spawn(job(), name=b"x")  # type: ignore[call-overload]
         del with_args
         gc.collect()  # filterwarnings=error: a "never awaited" warning fails the test
 

@@ -286,7 +286,7 @@ async def test_a_non_str_hook_name_is_refused_at_the_call() -> None:
     guard = TaskGuard()
     for bad in (123, b"bytes", ["x"]):
         with pytest.raises(TypeError, match="name"):
-            guard.on_shutdown(lambda: None, name=bad)  # type: ignore[arg-type]
+            guard.on_shutdown(lambda: None, name=bad)  # type: ignore[call-overload]
 
 
 async def test_boolean_and_huge_hook_timeouts_are_refused() -> None:

@@ -16,6 +16,7 @@ import pytest
 
 import taskguard
 from taskguard import TaskGuard
+from taskguard._backends import BackendName
 
 BACKENDS = ["asyncio", "trio"]
 
@@ -293,7 +294,7 @@ def test_cli_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_run_in_process_returns_the_report(backend: str) -> None:
+def test_run_in_process_returns_the_report(backend: BackendName) -> None:
     seen: list[str] = []
 
     async def main(guard: TaskGuard, word: str) -> None:
@@ -330,10 +331,13 @@ def test_run_reraises_mains_exception_after_shutdown() -> None:
 
 
 def test_run_argument_errors() -> None:
+    async def idle(guard: TaskGuard) -> None:
+        pass
+
     with pytest.raises(TypeError):
         taskguard.run(42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend"):
-        taskguard.run(lambda g: None, backend="curio")  # type: ignore[arg-type]
+        taskguard.run(idle, backend="curio")  # type: ignore[arg-type]
 
 
 EARLY_SIGNAL_SCRIPT = """

@@ -441,4 +441,4 @@ async def test_stream_arguments_are_checked_at_the_call() -> None:
             guard.stream(source(), name=123)  # type: ignore[call-overload]
         for bad in (True, 1e13):
             with pytest.raises((TypeError, ValueError), match="send_timeout"):
-                guard.stream(source(), send_timeout=bad)  # type: ignore[call-overload]
+                guard.stream(source(), send_timeout=bad)
