@@ -108,13 +108,16 @@ class WebSocketSession:
         app_error: Exception | None = None
         async with anyio.create_task_group() as tg:
             self.tg = tg
-            with self.app_scope:
-                try:
-                    await self.mw.app(scope, self.receive, self.send)
-                except Exception as exc:
-                    app_error = exc
+            try:
+                with self.app_scope:
+                    try:
+                        await self.mw.app(scope, self.receive, self.send)
+                    except Exception as exc:
+                        app_error = exc
+            finally:  # cancelled from outside too (a server or test client ending it)
+                if self.channel is not None:
+                    self.channel.close()  # the app is done: the stream ends after its last message
             if self.channel is not None:
-                self.channel.close()  # the app is done: the stream ends after its last message
                 await self.pump_done.wait()
             tg.cancel_scope.cancel()  # the watcher
         stream = self.stream

@@ -11,6 +11,7 @@ lifespan shutdown, which runs after the guard closed.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import socket
@@ -300,3 +301,57 @@ def test_after_the_drain_a_new_websocket_is_refused_with_503() -> None:
 def test_the_close_code_is_checked() -> None:
     with pytest.raises(ValueError, match="websocket_close_code must be 1012"):
         TaskGuardMiddleware(_stoppable_app([]), websocket_close_code=1000)  # type: ignore[arg-type]
+
+
+# -- invisible: the app's errors, the client's close, no leftovers -----------------
+
+
+def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
+    """Starlette's TestClient cancels the app when the client's ``with`` ends:
+    the app sees that cancellation, and the session leaves nothing unclosed."""
+    events: list[str] = []
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            events.append("cancelled")
+            raise
+
+    mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
+    with TestClient(mw, backend=anyio_backend) as client, client.websocket_connect("/"):
+        pass
+    gc.collect()  # what the session left unclosed warns now, in this test
+    assert events == ["cancelled"]
+
+
+def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> None:
+    """Starlette's concurrency pattern: a reader task feeds a memory stream, the
+    app writes what it gets; the client's close ends the reader, then the writer."""
+    ends: list[str] = []
+
+    async def endpoint(websocket: WebSocket) -> None:
+        to_writer, from_reader = anyio.create_memory_object_stream[Any]()
+
+        async def reader() -> None:
+            async with to_writer:
+                async for data in websocket.iter_json():
+                    await to_writer.send(data)
+
+        await websocket.accept()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            async with from_reader:
+                async for message in from_reader:
+                    await websocket.send_json(message)
+        ends.append("writer done")
+        await websocket.close()
+
+    mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
+    with TestClient(mw, backend=anyio_backend) as client:
+        with client.websocket_connect("/") as ws:
+            ws.send_json({"hello": "world"})
+            assert ws.receive_json() == {"hello": "world"}
+        gc.collect()  # what the session left unclosed warns now, in this test
+    assert ends == ["writer done"]
