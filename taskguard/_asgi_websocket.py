@@ -166,7 +166,7 @@ class WebSocketSession:
             return
         self.gone = message
         self.app_informed = self.app_informed or by_app
-        if self.stream is not None:
+        if self.stream is not None and not self.closed:
             self.stream.disconnected()  # the pump ends; the app is cancelled unless it knows
 
     async def send(self, message: Message) -> None:
@@ -191,8 +191,12 @@ class WebSocketSession:
             if self.app_scope.cancel_called:
                 await anyio.lowlevel.checkpoint()  # ends here: the app is being cancelled
             # The app goes on after the client left: the server answers as it would.
-        elif kind == "websocket.close":
+        elif kind == "websocket.close" and not self.closed:
             self.closed = True
+            if self.channel is not None:
+                # The app ended the stream: the disconnect that answers its close
+                # is not a client leaving, and must not cut the app.
+                self.channel.close()
         await self.real_send(message)
 
     # -- the stream ----------------------------------------------------------------
@@ -221,7 +225,9 @@ class WebSocketSession:
             self.pump_done.set()
             if self.channel_out is not None:
                 self.channel_out.close()
-            if stream.outcome is not StreamOutcome.COMPLETED and not self.app_informed:
+            if stream.outcome is not StreamOutcome.COMPLETED and not (
+                self.app_informed or self.closed
+            ):
                 self.app_scope.cancel()  # stop the producer at once
 
     async def _deliver(self, out: _Out) -> None:

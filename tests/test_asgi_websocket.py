@@ -306,6 +306,57 @@ def test_the_close_code_is_checked() -> None:
 # -- invisible: the app's errors, the client's close, no leftovers -----------------
 
 
+class _Server:
+    """The server side of one websocket, raw ASGI: the client sends one text
+    frame; after the app's close the server answers with websocket.disconnect."""
+
+    def __init__(self) -> None:
+        self.incoming: list[dict[str, Any]] = [
+            {"type": "websocket.connect"},
+            {"type": "websocket.receive", "text": "not bytes"},
+        ]
+        self.sent: list[dict[str, Any]] = []
+        self.closed = anyio.Event()
+        self.disconnected = anyio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if self.incoming:
+            return self.incoming.pop(0)
+        await self.closed.wait()
+        self.disconnected.set()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(dict(message))
+        if message["type"] == "websocket.close":
+            self.closed.set()
+
+
+async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
+    anyio_backend: str,
+) -> None:
+    """As Starlette's WebSocketEndpoint does on a frame of the wrong kind: close
+    (1003), then raise. The disconnect that answers the app's close is not a
+    client leaving: the app is not cut, and its error reaches the server."""
+    server = _Server()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await send({"type": "websocket.close", "code": 1003})
+        await server.disconnected.wait()
+        await anyio.sleep(0.1)  # the middleware has seen the disconnect by now
+        raise RuntimeError("expected bytes")
+
+    async with taskguard.TaskGuard() as guard:
+        mw = TaskGuardMiddleware(app, guard, signals="off")
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
+    assert guard.report.streams == {"completed": 1}
+
+
 def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
     """Starlette's TestClient cancels the app when the client's ``with`` ends:
     the app sees that cancellation, and the session leaves nothing unclosed."""
