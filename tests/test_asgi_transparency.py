@@ -24,7 +24,6 @@ import h2.connection
 import h2.events
 import httpx
 import pytest
-
 from servers import running_server
 
 pytestmark = pytest.mark.slow  # real server processes
