@@ -38,6 +38,7 @@ logger = logging.getLogger("taskguard")
 #: the close codes a server may send at shutdown: service restart, going away
 CLOSE_CODES = (1012, 1001)
 _CLOSED_BY_US = {StreamOutcome.INTERRUPTED, StreamOutcome.STOPPED, StreamOutcome.EXPIRED}
+_CUT_AT_ONCE = {*_CLOSED_BY_US, StreamOutcome.STALLED, StreamOutcome.FAILED}
 
 
 class _Out:
@@ -116,7 +117,7 @@ class WebSocketSession:
                         app_error = exc
             finally:  # cancelled from outside too (a server or test client ending it)
                 if self.channel is not None:
-                    self.channel.close()  # the app is done: the stream ends after its last message
+                    self.channel.close()  # the stream ends after the app's last message
             if self.channel is not None:
                 await self.pump_done.wait()
             tg.cancel_scope.cancel()  # the watcher
@@ -188,9 +189,11 @@ class WebSocketSession:
                     if out.error is not None:
                         raise out.error  # the server's own error, as without us
                     return
+            if self.stream.outcome is StreamOutcome.DISCONNECTED and not self.app_informed:
+                self.app_scope.cancel()  # the client left: the producer stops at this send
             if self.app_scope.cancel_called:
                 await anyio.lowlevel.checkpoint()  # ends here: the app is being cancelled
-            # The app goes on after the client left: the server answers as it would.
+            # The app goes on after it learnt the client left: the server answers as it would.
         elif kind == "websocket.close" and not self.closed:
             self.closed = True
             if self.channel is not None:
@@ -225,10 +228,12 @@ class WebSocketSession:
             self.pump_done.set()
             if self.channel_out is not None:
                 self.channel_out.close()
-            if stream.outcome is not StreamOutcome.COMPLETED and not (
-                self.app_informed or self.closed
-            ):
-                self.app_scope.cancel()  # stop the producer at once
+            # Our cut (shutdown, stall, stop()) stops the producer at once. A client
+            # that left does not: a server does not cancel the app then, and the app
+            # may be handling a frame (what it raises must reach the server); it
+            # gets the disconnect from receive, or is cut at its next send.
+            if stream.outcome in _CUT_AT_ONCE and not (self.app_informed or self.closed):
+                self.app_scope.cancel()
 
     async def _deliver(self, out: _Out) -> None:
         try:

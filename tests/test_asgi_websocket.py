@@ -308,9 +308,10 @@ def test_the_close_code_is_checked() -> None:
 
 class _Server:
     """The server side of one websocket, raw ASGI: the client sends one text
-    frame; after the app's close the server answers with websocket.disconnect."""
+    frame; the server answers the app's close with websocket.disconnect (or,
+    ``leaves=True``, the client leaves right after its frame)."""
 
-    def __init__(self) -> None:
+    def __init__(self, leaves: bool = False) -> None:
         self.incoming: list[dict[str, Any]] = [
             {"type": "websocket.connect"},
             {"type": "websocket.receive", "text": "not bytes"},
@@ -318,6 +319,8 @@ class _Server:
         self.sent: list[dict[str, Any]] = []
         self.closed = anyio.Event()
         self.disconnected = anyio.Event()
+        if leaves:
+            self.closed.set()
 
     async def receive(self) -> dict[str, Any]:
         if self.incoming:
@@ -357,6 +360,31 @@ async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
     assert guard.report.streams == {"completed": 1}
 
 
+async def test_a_client_that_leaves_while_the_app_handles_its_frame_does_not_cut_it(
+    anyio_backend: str,
+) -> None:
+    """The client sends a frame and leaves at once; the app, still handling the
+    frame, closes (1003) and raises: without the middleware the server gets that
+    error (a server does not cancel the app on a disconnect), so with it too."""
+    server = _Server(leaves=True)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await server.disconnected.wait()
+        await anyio.sleep(0.1)  # the middleware has seen the disconnect by now
+        await send({"type": "websocket.close", "code": 1003})
+        raise RuntimeError("expected bytes")
+
+    async with taskguard.TaskGuard() as guard:
+        mw = TaskGuardMiddleware(app, guard, signals="off")
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
+    assert guard.report.streams == {"disconnected": 1}
+
+
 def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
     """Starlette's TestClient cancels the app when the client's ``with`` ends:
     the app sees that cancellation, and the session leaves nothing unclosed."""
@@ -379,8 +407,8 @@ def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_back
 
 def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> None:
     """Starlette's concurrency pattern: a reader task feeds a memory stream, the
-    app writes what it gets; the client's close ends the reader, then the writer."""
-    ends: list[str] = []
+    app writes what it gets; the client's close (the test client then cancels
+    the app) ends it, and the session leaves nothing unclosed."""
 
     async def endpoint(websocket: WebSocket) -> None:
         to_writer, from_reader = anyio.create_memory_object_stream[Any]()
@@ -396,7 +424,6 @@ def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> N
             async with from_reader:
                 async for message in from_reader:
                     await websocket.send_json(message)
-        ends.append("writer done")
         await websocket.close()
 
     mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
@@ -405,4 +432,3 @@ def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> N
             ws.send_json({"hello": "world"})
             assert ws.receive_json() == {"hello": "world"}
         gc.collect()  # what the session left unclosed warns now, in this test
-    assert ends == ["writer done"]
