@@ -96,7 +96,7 @@ class WebSocketSession:
         cancelled = False
         try:
             with outer:
-                await self._run(scope)
+                await self._run(scope, outer)
         except BaseException as exc:
             cancelled = is_cancellation(exc)
             raise
@@ -105,22 +105,31 @@ class WebSocketSession:
         if outer.cancelled_caught and self.channel is not None and not self.closed:
             await self._close(self.mw.websocket_close_code)  # cut at the deadline
 
-    async def _run(self, scope: Scope) -> None:
+    async def _run(self, scope: Scope, outer: anyio.CancelScope) -> None:
         app_error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            self.tg = tg
-            try:
-                with self.app_scope:
-                    try:
-                        await self.mw.app(scope, self.receive, self.send)
-                    except Exception as exc:
-                        app_error = exc
-            finally:  # cancelled from outside too (a server or test client ending it)
+        try:
+            async with anyio.create_task_group() as tg:
+                self.tg = tg
+                try:
+                    with self.app_scope:
+                        try:
+                            await self.mw.app(scope, self.receive, self.send)
+                        except Exception as exc:
+                            app_error = exc
+                finally:  # cancelled from outside too (a server or test client ending it)
+                    if self.channel is not None:
+                        self.channel.close()  # the stream ends after the app's last message
                 if self.channel is not None:
-                    self.channel.close()  # the stream ends after the app's last message
-            if self.channel is not None:
-                await self.pump_done.wait()
-            tg.cancel_scope.cancel()  # the watcher
+                    await self.pump_done.wait()
+                tg.cancel_scope.cancel()  # the watcher
+        except BaseException as exc:
+            # The server cancelled us after the app raised (Starlette's TestClient
+            # does right after the client's close): without us it had the app's
+            # error, not the cancellation. Not so for our own cut.
+            cut = outer.cancel_called or self.app_scope.cancel_called
+            if app_error is None or cut or not is_cancellation(exc):
+                raise
+            raise app_error from None
         stream = self.stream
         if stream is not None and stream.outcome in _CLOSED_BY_US and not self.closed:
             code = self.mw.websocket_close_code

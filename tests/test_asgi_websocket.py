@@ -319,6 +319,7 @@ class _Server:
         self.sent: list[dict[str, Any]] = []
         self.closed = anyio.Event()
         self.disconnected = anyio.Event()
+        self.on_close: Callable[[], object] = lambda: None
         if leaves:
             self.closed.set()
 
@@ -333,6 +334,7 @@ class _Server:
         self.sent.append(dict(message))
         if message["type"] == "websocket.close":
             self.closed.set()
+            self.on_close()
 
 
 async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
@@ -383,6 +385,31 @@ async def test_a_client_that_leaves_while_the_app_handles_its_frame_does_not_cut
             await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
     assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
     assert guard.report.streams == {"disconnected": 1}
+
+
+async def test_an_error_the_app_raises_reaches_a_server_that_cancels_it_meanwhile(
+    anyio_backend: str,
+) -> None:
+    """Starlette's TestClient cancels the app right after the client's close: an
+    error the app raised before that cancellation reaches the server, as
+    without the middleware, though the middleware was still ending the stream."""
+    server = _Server()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await send({"type": "websocket.close", "code": 1003})
+        raise RuntimeError("expected bytes")
+
+    async def serve(mw: TaskGuardMiddleware) -> None:
+        with anyio.CancelScope() as cut:
+            server.on_close = cut.cancel
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+
+    async with taskguard.TaskGuard() as guard:
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await serve(TaskGuardMiddleware(app, guard, signals="off"))
 
 
 def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
