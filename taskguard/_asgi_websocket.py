@@ -38,6 +38,7 @@ logger = logging.getLogger("taskguard")
 #: the close codes a server may send at shutdown: service restart, going away
 CLOSE_CODES = (1012, 1001)
 _CLOSED_BY_US = {StreamOutcome.INTERRUPTED, StreamOutcome.STOPPED, StreamOutcome.EXPIRED}
+_CUT_AT_ONCE = {*_CLOSED_BY_US, StreamOutcome.STALLED, StreamOutcome.FAILED}
 
 
 class _Out:
@@ -95,7 +96,7 @@ class WebSocketSession:
         cancelled = False
         try:
             with outer:
-                await self._run(scope)
+                await self._run(scope, outer)
         except BaseException as exc:
             cancelled = is_cancellation(exc)
             raise
@@ -104,19 +105,31 @@ class WebSocketSession:
         if outer.cancelled_caught and self.channel is not None and not self.closed:
             await self._close(self.mw.websocket_close_code)  # cut at the deadline
 
-    async def _run(self, scope: Scope) -> None:
+    async def _run(self, scope: Scope, outer: anyio.CancelScope) -> None:
         app_error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            self.tg = tg
-            with self.app_scope:
+        try:
+            async with anyio.create_task_group() as tg:
+                self.tg = tg
                 try:
-                    await self.mw.app(scope, self.receive, self.send)
-                except Exception as exc:
-                    app_error = exc
-            if self.channel is not None:
-                self.channel.close()  # the app is done: the stream ends after its last message
-                await self.pump_done.wait()
-            tg.cancel_scope.cancel()  # the watcher
+                    with self.app_scope:
+                        try:
+                            await self.mw.app(scope, self.receive, self.send)
+                        except Exception as exc:
+                            app_error = exc
+                finally:  # cancelled from outside too (a server or test client ending it)
+                    if self.channel is not None:
+                        self.channel.close()  # the stream ends after the app's last message
+                if self.channel is not None:
+                    await self.pump_done.wait()
+                tg.cancel_scope.cancel()  # the watcher
+        except BaseException as exc:
+            # The server cancelled us after the app raised (Starlette's TestClient
+            # does right after the client's close): without us it had the app's
+            # error, not the cancellation. Not so for our own cut.
+            cut = outer.cancel_called or self.app_scope.cancel_called
+            if app_error is None or cut or not is_cancellation(exc):
+                raise
+            raise app_error from None
         stream = self.stream
         if stream is not None and stream.outcome in _CLOSED_BY_US and not self.closed:
             code = self.mw.websocket_close_code
@@ -163,7 +176,7 @@ class WebSocketSession:
             return
         self.gone = message
         self.app_informed = self.app_informed or by_app
-        if self.stream is not None:
+        if self.stream is not None and not self.closed:
             self.stream.disconnected()  # the pump ends; the app is cancelled unless it knows
 
     async def send(self, message: Message) -> None:
@@ -185,11 +198,17 @@ class WebSocketSession:
                     if out.error is not None:
                         raise out.error  # the server's own error, as without us
                     return
+            if self.stream.outcome is StreamOutcome.DISCONNECTED and not self.app_informed:
+                self.app_scope.cancel()  # the client left: the producer stops at this send
             if self.app_scope.cancel_called:
                 await anyio.lowlevel.checkpoint()  # ends here: the app is being cancelled
-            # The app goes on after the client left: the server answers as it would.
-        elif kind == "websocket.close":
+            # The app goes on after it learnt the client left: the server answers as it would.
+        elif kind == "websocket.close" and not self.closed:
             self.closed = True
+            if self.channel is not None:
+                # The app ended the stream: the disconnect that answers its close
+                # is not a client leaving, and must not cut the app.
+                self.channel.close()
         await self.real_send(message)
 
     # -- the stream ----------------------------------------------------------------
@@ -218,8 +237,12 @@ class WebSocketSession:
             self.pump_done.set()
             if self.channel_out is not None:
                 self.channel_out.close()
-            if stream.outcome is not StreamOutcome.COMPLETED and not self.app_informed:
-                self.app_scope.cancel()  # stop the producer at once
+            # Our cut (shutdown, stall, stop()) stops the producer at once. A client
+            # that left does not: a server does not cancel the app then, and the app
+            # may be handling a frame (what it raises must reach the server); it
+            # gets the disconnect from receive, or is cut at its next send.
+            if stream.outcome in _CUT_AT_ONCE and not (self.app_informed or self.closed):
+                self.app_scope.cancel()
 
     async def _deliver(self, out: _Out) -> None:
         try:

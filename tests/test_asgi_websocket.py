@@ -11,6 +11,7 @@ lifespan shutdown, which runs after the guard closed.
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import socket
@@ -300,3 +301,161 @@ def test_after_the_drain_a_new_websocket_is_refused_with_503() -> None:
 def test_the_close_code_is_checked() -> None:
     with pytest.raises(ValueError, match="websocket_close_code must be 1012"):
         TaskGuardMiddleware(_stoppable_app([]), websocket_close_code=1000)  # type: ignore[arg-type]
+
+
+# -- invisible: the app's errors, the client's close, no leftovers -----------------
+
+
+class _Server:
+    """The server side of one websocket, raw ASGI: the client sends one text
+    frame; the server answers the app's close with websocket.disconnect (or,
+    ``leaves=True``, the client leaves right after its frame)."""
+
+    def __init__(self, leaves: bool = False) -> None:
+        self.incoming: list[dict[str, Any]] = [
+            {"type": "websocket.connect"},
+            {"type": "websocket.receive", "text": "not bytes"},
+        ]
+        self.sent: list[dict[str, Any]] = []
+        self.closed = anyio.Event()
+        self.disconnected = anyio.Event()
+        self.on_close: Callable[[], object] = lambda: None
+        if leaves:
+            self.closed.set()
+
+    async def receive(self) -> dict[str, Any]:
+        if self.incoming:
+            return self.incoming.pop(0)
+        await self.closed.wait()
+        self.disconnected.set()
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(dict(message))
+        if message["type"] == "websocket.close":
+            self.closed.set()
+            self.on_close()
+
+
+async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
+    anyio_backend: str,
+) -> None:
+    """As Starlette's WebSocketEndpoint does on a frame of the wrong kind: close
+    (1003), then raise. The disconnect that answers the app's close is not a
+    client leaving: the app is not cut, and its error reaches the server."""
+    server = _Server()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await send({"type": "websocket.close", "code": 1003})
+        await server.disconnected.wait()
+        await anyio.sleep(0.1)  # the middleware has seen the disconnect by now
+        raise RuntimeError("expected bytes")
+
+    async with taskguard.TaskGuard() as guard:
+        mw = TaskGuardMiddleware(app, guard, signals="off")
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
+    assert guard.report.streams == {"completed": 1}
+
+
+async def test_a_client_that_leaves_while_the_app_handles_its_frame_does_not_cut_it(
+    anyio_backend: str,
+) -> None:
+    """The client sends a frame and leaves at once; the app, still handling the
+    frame, closes (1003) and raises: without the middleware the server gets that
+    error (a server does not cancel the app on a disconnect), so with it too."""
+    server = _Server(leaves=True)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await server.disconnected.wait()
+        await anyio.sleep(0.1)  # the middleware has seen the disconnect by now
+        await send({"type": "websocket.close", "code": 1003})
+        raise RuntimeError("expected bytes")
+
+    async with taskguard.TaskGuard() as guard:
+        mw = TaskGuardMiddleware(app, guard, signals="off")
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
+    assert guard.report.streams == {"disconnected": 1}
+
+
+async def test_an_error_the_app_raises_reaches_a_server_that_cancels_it_meanwhile(
+    anyio_backend: str,
+) -> None:
+    """Starlette's TestClient cancels the app right after the client's close: an
+    error the app raised before that cancellation reaches the server, as
+    without the middleware, though the middleware was still ending the stream."""
+    server = _Server()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await receive()
+        await send({"type": "websocket.close", "code": 1003})
+        raise RuntimeError("expected bytes")
+
+    async def serve(mw: TaskGuardMiddleware) -> None:
+        with anyio.CancelScope() as cut:
+            server.on_close = cut.cancel
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+
+    async with taskguard.TaskGuard() as guard:
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await serve(TaskGuardMiddleware(app, guard, signals="off"))
+
+
+def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
+    """Starlette's TestClient cancels the app when the client's ``with`` ends:
+    the app sees that cancellation, and the session leaves nothing unclosed."""
+    events: list[str] = []
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            events.append("cancelled")
+            raise
+
+    mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
+    with TestClient(mw, backend=anyio_backend) as client, client.websocket_connect("/"):
+        pass
+    gc.collect()  # what the session left unclosed warns now, in this test
+    assert events == ["cancelled"]
+
+
+def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> None:
+    """Starlette's concurrency pattern: a reader task feeds a memory stream, the
+    app writes what it gets; the client's close (the test client then cancels
+    the app) ends it, and the session leaves nothing unclosed."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        to_writer, from_reader = anyio.create_memory_object_stream[Any]()
+
+        async def reader() -> None:
+            async with to_writer:
+                async for data in websocket.iter_json():
+                    await to_writer.send(data)
+
+        await websocket.accept()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            async with from_reader:
+                async for message in from_reader:
+                    await websocket.send_json(message)
+        await websocket.close()
+
+    mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
+    with TestClient(mw, backend=anyio_backend) as client:
+        with client.websocket_connect("/") as ws:
+            ws.send_json({"hello": "world"})
+            assert ws.receive_json() == {"hello": "world"}
+        gc.collect()  # what the session left unclosed warns now, in this test
