@@ -27,11 +27,13 @@ import pytest
 from servers import ServerProcess
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
+from starlette.types import Message
 from starlette.websockets import WebSocket
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import taskguard
+from taskguard._backends import BackendName
 from taskguard.asgi import TaskGuardMiddleware, stream_control
 
 with warnings.catch_warnings():
@@ -312,25 +314,25 @@ class _Server:
     ``leaves=True``, the client leaves right after its frame)."""
 
     def __init__(self, leaves: bool = False) -> None:
-        self.incoming: list[dict[str, Any]] = [
+        self.incoming: list[Message] = [
             {"type": "websocket.connect"},
             {"type": "websocket.receive", "text": "not bytes"},
         ]
-        self.sent: list[dict[str, Any]] = []
+        self.sent: list[Message] = []
         self.closed = anyio.Event()
         self.disconnected = anyio.Event()
         self.on_close: Callable[[], object] = lambda: None
         if leaves:
             self.closed.set()
 
-    async def receive(self) -> dict[str, Any]:
+    async def receive(self) -> Message:
         if self.incoming:
             return self.incoming.pop(0)
         await self.closed.wait()
         self.disconnected.set()
         return {"type": "websocket.disconnect", "code": 1000}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: Message) -> None:
         self.sent.append(dict(message))
         if message["type"] == "websocket.close":
             self.closed.set()
@@ -412,7 +414,9 @@ async def test_an_error_the_app_raises_reaches_a_server_that_cancels_it_meanwhil
             await serve(TaskGuardMiddleware(app, guard, signals="off"))
 
 
-def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_backend: str) -> None:
+def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(
+    anyio_backend_name: BackendName, anyio_backend_options: dict[str, Any]
+) -> None:
     """Starlette's TestClient cancels the app when the client's ``with`` ends:
     the app sees that cancellation, and the session leaves nothing unclosed."""
     events: list[str] = []
@@ -426,13 +430,18 @@ def test_a_client_that_closes_cancels_the_app_as_the_test_client_does(anyio_back
             raise
 
     mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
-    with TestClient(mw, backend=anyio_backend) as client, client.websocket_connect("/"):
+    with (
+        TestClient(mw, backend=anyio_backend_name, backend_options=anyio_backend_options) as client,
+        client.websocket_connect("/"),
+    ):
         pass
     gc.collect()  # what the session left unclosed warns now, in this test
     assert events == ["cancelled"]
 
 
-def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> None:
+def test_a_reader_task_and_a_writer_share_the_websocket(
+    anyio_backend_name: BackendName, anyio_backend_options: dict[str, Any]
+) -> None:
     """Starlette's concurrency pattern: a reader task feeds a memory stream, the
     app writes what it gets; the client's close (the test client then cancels
     the app) ends it, and the session leaves nothing unclosed."""
@@ -454,7 +463,9 @@ def test_a_reader_task_and_a_writer_share_the_websocket(anyio_backend: str) -> N
         await websocket.close()
 
     mw = TaskGuardMiddleware(Starlette(routes=[WebSocketRoute("/", endpoint)]), signals="off")
-    with TestClient(mw, backend=anyio_backend) as client:
+    with TestClient(
+        mw, backend=anyio_backend_name, backend_options=anyio_backend_options
+    ) as client:
         with client.websocket_connect("/") as ws:
             ws.send_json({"hello": "world"})
             assert ws.receive_json() == {"hello": "world"}
