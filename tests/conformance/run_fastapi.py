@@ -1,6 +1,6 @@
 """FastAPI's own test suite, plain and with every app wrapped in TaskGuardMiddleware.
 
-    .venv/bin/python tests/conformance/run_fastapi.py [-k EXPR] [--workdir DIR]
+    .venv/bin/python tests/conformance/run_fastapi.py [--workdir DIR] [-- -k EXPR]
 
 FastAPI's ``TestClient`` is Starlette's, so the same wrapping applies (see
 wrap_testclient.py). Its suite takes a few minutes per run. Tests that fail

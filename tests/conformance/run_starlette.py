@@ -1,6 +1,6 @@
 """Starlette's own test suite, plain and with every app wrapped in TaskGuardMiddleware.
 
-    .venv/bin/python tests/conformance/run_starlette.py [-k EXPR] [--workdir DIR]
+    .venv/bin/python tests/conformance/run_starlette.py [--workdir DIR] [-- -k EXPR]
 
 Takes a few minutes the first time (it makes a virtual environment under
 ~/.cache/taskguard-conformance), about a minute after. Exit status 1 when a
