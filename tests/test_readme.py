@@ -44,7 +44,8 @@ README = ROOT / "README.md"
 SETUP = "python3 -m venv .venv && .venv/bin/pip install -e '.[grpc]' && .venv/bin/taskguard demo"
 TEST_COMMAND = (
     "sh tests/system-servers.sh && python3 -m venv .venv && "
-    ".venv/bin/pip install -e '.[dev]' && .venv/bin/python -m pytest -n 4"
+    ".venv/bin/pip install -e '.[dev]' && "
+    ".venv/bin/python -m pytest -n 4 --cov=taskguard --cov-branch --cov-fail-under=85"
 )
 QUICKSTART = ".venv/bin/python examples/quickstart.py"
 TASKGUARD_RUN = (
