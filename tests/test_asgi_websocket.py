@@ -339,6 +339,17 @@ class _Server:
             self.on_close()
 
 
+async def _error_reaches_the_server(app: Any, server: _Server) -> taskguard.ShutdownReport:
+    """Serve one websocket of ``app`` through the middleware: the RuntimeError the
+    app raises reaches the server, after the app's accept and close went out."""
+    async with taskguard.TaskGuard() as guard:
+        mw = TaskGuardMiddleware(app, guard, signals="off")
+        with pytest.raises(RuntimeError, match="expected bytes"):
+            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
+    return guard.report
+
+
 async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
     anyio_backend: str,
 ) -> None:
@@ -356,12 +367,8 @@ async def test_an_error_the_app_raises_after_its_own_close_reaches_the_server(
         await anyio.sleep(0.1)  # the middleware has seen the disconnect by now
         raise RuntimeError("expected bytes")
 
-    async with taskguard.TaskGuard() as guard:
-        mw = TaskGuardMiddleware(app, guard, signals="off")
-        with pytest.raises(RuntimeError, match="expected bytes"):
-            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
-    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
-    assert guard.report.streams == {"completed": 1}
+    report = await _error_reaches_the_server(app, server)
+    assert report.streams == {"completed": 1}
 
 
 async def test_a_client_that_leaves_while_the_app_handles_its_frame_does_not_cut_it(
@@ -381,12 +388,8 @@ async def test_a_client_that_leaves_while_the_app_handles_its_frame_does_not_cut
         await send({"type": "websocket.close", "code": 1003})
         raise RuntimeError("expected bytes")
 
-    async with taskguard.TaskGuard() as guard:
-        mw = TaskGuardMiddleware(app, guard, signals="off")
-        with pytest.raises(RuntimeError, match="expected bytes"):
-            await mw({"type": "websocket", "path": "/ws"}, server.receive, server.send)
-    assert [m["type"] for m in server.sent] == ["websocket.accept", "websocket.close"]
-    assert guard.report.streams == {"disconnected": 1}
+    report = await _error_reaches_the_server(app, server)
+    assert report.streams == {"disconnected": 1}
 
 
 async def test_an_error_the_app_raises_reaches_a_server_that_cancels_it_meanwhile(
