@@ -122,7 +122,12 @@ class Pipe:
             return
         stream = self.stream
         if stream.outcome is not None or self.closing:
-            return  # the stream was cut: nothing more is sent
+            # The stream was cut: nothing more is sent. A checkpoint all the same:
+            # an app whose body never awaits (an endless generator of ready
+            # chunks) would otherwise spin here, and the cut of its scope would
+            # never be delivered (seen on trio: the loop hung at 100% CPU).
+            await anyio.lowlevel.checkpoint()
+            return
         kind = message["type"]
         if kind in _BODY_MESSAGES:
             final = kind == "http.response.pathsend" or not message.get("more_body", False)
