@@ -107,7 +107,7 @@ def check_seconds(value: object, what: str, *, positive: bool = True) -> float:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(
             f"{what} must be a finite number of seconds {bound} and <= {MAX_SECONDS:g} "
-            f"(a week), not {value!r}"
+            f"(a week), not {describe(value)}"
         )
     return seconds
 
@@ -116,8 +116,8 @@ def describe(value: object) -> str:
     """``repr(value)`` for an error message, short, and never raising itself."""
     try:
         text = repr(value)
-    except Exception:
-        return f"a {type(value).__name__} object"
+    except Exception:  # a hostile __repr__, or an int beyond Python's digit limit
+        return f"an object of type {type(value).__name__}"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
