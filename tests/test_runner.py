@@ -81,6 +81,19 @@ class Proc:
             except queue.Empty:
                 return "\n".join(self.seen)
 
+    def sigterm_when_ready(self, timeout: float) -> tuple[int, str]:
+        """Wait for READY, send SIGTERM, wait for the exit: (status, output)."""
+        self.wait_for("READY")
+        self.signal(signal.SIGTERM)
+        status = self.wait(timeout=timeout)
+        return status, self.output()
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
     def kill(self) -> None:
         if self.popen.poll() is None:
             self.popen.kill()
@@ -116,8 +129,7 @@ sys.exit(0 if report.clean else 1)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_mid_work_finishes_guarded_work_and_exits_0(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "app.py", RUN_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend, "1.0"], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend, "1.0"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -131,15 +143,12 @@ def test_sigterm_mid_work_finishes_guarded_work_and_exits_0(tmp_path: Path, back
         assert "exit signal SIGTERM: shutting down" in out
         assert "taskguard shutdown clean: trigger=signal SIGTERM" in out
         assert 0.5 < elapsed < 1.0 + 5  # waited for the work, then no longer
-    finally:
-        proc.kill()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_sigterm_forces_a_quick_exit(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "app.py", RUN_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend, "60"], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend, "60"], tmp_path) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         proc.wait_for("shutdown started")
@@ -153,8 +162,6 @@ def test_second_sigterm_forces_a_quick_exit(tmp_path: Path, backend: str) -> Non
         assert "second exit signal SIGTERM: forcing shutdown" in out
         assert "WORK DONE" not in out
         assert "(forced)" in out
-    finally:
-        proc.kill()
 
 
 STUCK_SCRIPT = """
@@ -180,8 +187,7 @@ sys.exit(0 if report.clean else 1)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_third_signal_ends_the_process_at_once(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend, "30", "30"], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend, "30", "30"], tmp_path) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         proc.wait_for("shutdown started")
@@ -195,16 +201,13 @@ def test_third_signal_ends_the_process_at_once(tmp_path: Path, backend: str) -> 
         assert status == 128 + signal.SIGTERM, out
         assert "third exit signal (SIGTERM)" in out
         assert "still running: swallower" in out
-    finally:
-        proc.kill()
 
 
 def test_hard_deadline_ends_a_trio_process_with_a_stuck_task(tmp_path: Path) -> None:
     # On trio an abandoned task keeps trio.run from returning: only the hard
     # deadline (exit wait + cancel grace + hooks + 2 s slack) ends the process.
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    proc = Proc([sys.executable, str(script), "trio", "0.5", "0.5"], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), "trio", "0.5", "0.5"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -215,16 +218,13 @@ def test_hard_deadline_ends_a_trio_process_with_a_stuck_task(tmp_path: Path) -> 
         assert "hard deadline" in out
         assert "abandoned swallower" in out
         assert "REPORT CLEAN" not in out
-    finally:
-        proc.kill()
 
 
 def test_asyncio_run_is_bounded_with_a_stuck_task(tmp_path: Path) -> None:
     # On asyncio taskguard.run manages the loop's end itself: the stuck task is
     # left behind and run() returns its report.
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    proc = Proc([sys.executable, str(script), "asyncio", "0.5", "0.5"], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), "asyncio", "0.5", "0.5"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -233,8 +233,6 @@ def test_asyncio_run_is_bounded_with_a_stuck_task(tmp_path: Path) -> None:
         assert status == 1, out
         assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
         assert "REPORT CLEAN False STUCK ['swallower']" in out
-    finally:
-        proc.kill()
 
 
 CLI_MODULE = """
@@ -253,8 +251,7 @@ async def serve(guard):
 def test_cli_run_module_function(tmp_path: Path, backend: str) -> None:
     write(tmp_path, "myservice.py", CLI_MODULE)
     args = [sys.executable, "-m", "taskguard", "run", "myservice:serve", "--backend", backend]
-    proc = Proc([*args, "--json"], tmp_path, env={"TASKGUARD_EXIT_WAIT_TIMEOUT": "20"})
-    try:
+    with Proc([*args, "--json"], tmp_path, env={"TASKGUARD_EXIT_WAIT_TIMEOUT": "20"}) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         status = proc.wait(timeout=20)
@@ -263,8 +260,6 @@ def test_cli_run_module_function(tmp_path: Path, backend: str) -> None:
         assert "WORK DONE" in out
         assert '"clean": true' in out
         assert '"trigger": "signal SIGTERM"' in out
-    finally:
-        proc.kill()
 
 
 def test_cli_errors(tmp_path: Path) -> None:
@@ -357,15 +352,12 @@ print("REPORT", report.trigger, report.clean, flush=True)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_signal_handlers_are_installed_before_main_runs(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "early.py", EARLY_SIGNAL_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
         status = proc.wait(timeout=30)
         out = proc.output()
         assert status == 0, out
         assert "STILL ALIVE" in out
         assert "REPORT signal SIGTERM True" in out
-    finally:
-        proc.kill()
 
 
 def test_run_respects_handle_signals_from_the_config() -> None:
@@ -410,17 +402,11 @@ def test_hard_deadline_counts_the_grace_each_stubborn_hook_gets(
     # then a grace before it is abandoned; the hard deadline must count that
     # too, or it ends the process before the last hooks ran.
     script = write(tmp_path, "hooks.py", STUBBORN_HOOKS_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
-        proc.wait_for("READY")
-        proc.signal(signal.SIGTERM)
-        status = proc.wait(timeout=30)
-        out = proc.output()
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+        status, out = proc.sigterm_when_ready(timeout=30)
         assert status == 0, out
         assert "HOOKS 10" in out
         assert "hard deadline" not in out
-    finally:
-        proc.kill()
 
 
 STUCK_SECTION_AFTER_RUN = """
@@ -451,18 +437,12 @@ def test_a_stuck_async_section_does_not_keep_the_watchdog_armed_after_run(
 ) -> None:
     # Finding 5 (asyncio: on trio an abandoned task keeps trio.run from returning).
     script = write(tmp_path, "after_run.py", STUCK_SECTION_AFTER_RUN)
-    proc = Proc([sys.executable, str(script)], tmp_path)
-    try:
-        proc.wait_for("READY")
-        proc.signal(signal.SIGTERM)
-        status = proc.wait(timeout=20)
-        out = proc.output()
+    with Proc([sys.executable, str(script)], tmp_path) as proc:
+        status, out = proc.sigterm_when_ready(timeout=20)
         assert "RUN RETURNED False" in out
         assert "STILL ALIVE" in out, out
         assert status == 0, out
         assert "worker thread" not in out
-    finally:
-        proc.kill()
 
 
 BLOCKED_HOOK_SCRIPT = """
@@ -489,8 +469,7 @@ def test_third_signal_ends_the_process_while_the_loop_is_blocked(
     # Finding 6: signals are counted in the signal handler, not by a task of
     # the (blocked) event loop.
     script = write(tmp_path, "blocked.py", BLOCKED_HOOK_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         proc.signal(sig)
         proc.wait_for("HOOK BLOCKS")
@@ -504,8 +483,6 @@ def test_third_signal_ends_the_process_while_the_loop_is_blocked(
         assert status == 128 + sig, out
         assert time.monotonic() - sent < 5, out
         assert f"third exit signal ({sig.name})" in out
-    finally:
-        proc.kill()
 
 
 BLOCKED_FROM_THE_START = """
@@ -524,8 +501,7 @@ def test_hard_deadline_is_armed_by_the_first_signal_even_if_the_loop_never_runs(
     tmp_path: Path, backend: str
 ) -> None:
     script = write(tmp_path, "blocked.py", BLOCKED_FROM_THE_START)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -534,8 +510,6 @@ def test_hard_deadline_is_armed_by_the_first_signal_even_if_the_loop_never_runs(
         assert status == 3, out
         assert time.monotonic() - sent < 0.5 + 0.5 + 2 + 3, out
         assert "hard deadline" in out
-    finally:
-        proc.kill()
 
 
 NESTED_GUARD_SCRIPT = """
@@ -565,17 +539,11 @@ def test_an_inner_signal_handling_guard_gives_the_signals_back(
     # Finding 7: when the inner guard closes, SIGTERM must reach the outer one
     # again (not the default action, which would kill the process mid-drain).
     script = write(tmp_path, "nested.py", NESTED_GUARD_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
-        proc.wait_for("READY")
-        proc.signal(signal.SIGTERM)
-        status = proc.wait(timeout=15)
-        out = proc.output()
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+        status, out = proc.sigterm_when_ready(timeout=15)
         assert status == 0, out
         assert "DRAIN WORK DONE" in out
         assert "CLEAN True" in out
-    finally:
-        proc.kill()
 
 
 REREGISTERING_HOOK_SCRIPT = """
@@ -600,8 +568,7 @@ def test_a_hook_registering_itself_again_does_not_extend_the_shutdown(
     # Finding 8: registration is refused from the stopping phase on, and the
     # hard deadline never moves.
     script = write(tmp_path, "again.py", REREGISTERING_HOOK_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -611,8 +578,6 @@ def test_a_hook_registering_itself_again_does_not_extend_the_shutdown(
         assert status == 0, out
         assert "HOOKS ['error']" in out, out
         assert "ShuttingDownError" in out
-    finally:
-        proc.kill()
 
 
 TO_THREAD_SCRIPT = """
@@ -640,8 +605,7 @@ def test_to_thread_work_does_not_outlive_the_budget(tmp_path: Path, backend: str
     # on trio the task waiting for its thread cannot be cancelled, so it is
     # abandoned and (as any abandoned task on trio) keeps trio.run from returning.
     script = write(tmp_path, "thread.py", TO_THREAD_SCRIPT)
-    proc = Proc([sys.executable, str(script), backend], tmp_path)
-    try:
+    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -653,5 +617,3 @@ def test_to_thread_work_does_not_outlive_the_budget(tmp_path: Path, backend: str
         if backend == "asyncio":
             assert "RUN RETURNED False" in out
             assert "worker thread still running: AnyIO worker thread" in out
-    finally:
-        proc.kill()
