@@ -12,10 +12,10 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from helpers_reliability import Release, forget_dead_guard
@@ -34,6 +34,8 @@ ERRORS_FIELD = (
     "finding 1 / design: the report has no `errors` field yet (bookkeeping errors of the "
     "sequence, `clean` False when not empty)"
 )
+
+T = TypeVar("T")
 
 
 class Injected(Exception):
@@ -231,6 +233,20 @@ def check_survived(
     assert report.groups["default"].completed == 1  # drain_work
     assert report.groups["default"].failed == 1  # fails
     return report
+
+
+def fail_once(real: Callable[..., T], message: str) -> Callable[..., T]:
+    """``real``, except that its first call raises Injected(message)."""
+    calls = 0
+
+    def once_failing(*args: Any, **kwargs: Any) -> T:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise Injected(message)
+        return real(*args, **kwargs)
+
+    return once_failing
 
 
 def errors_of(report: ShutdownReport) -> list[str]:

@@ -46,6 +46,7 @@ from faults_scenario import (
     Seen,
     check_survived,
     errors_of,
+    fail_once,
     run_scenario,
     scenario,
 )
@@ -173,15 +174,8 @@ def test_a_logging_handler_that_raises_once_does_not_break_the_sequence(
 def test_building_the_report_raises_once(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import taskguard._shutdown as shutdown_module
 
-    real = ShutdownReport  # the class _shutdown builds (taskguard exports it)
-    calls = [0]
-
-    def build_once_failing(**fields: Any) -> ShutdownReport:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise Injected("building the report failed")
-        return real(**fields)
-
+    # (ShutdownReport: the class _shutdown builds; taskguard exports it)
+    build_once_failing = fail_once(ShutdownReport, "building the report failed")
     monkeypatch.setattr(shutdown_module, "ShutdownReport", build_once_failing)
     seen, report, took, escaped = run_scenario(backend, Faults())
     report = check_survived(seen, report, took, escaped)
@@ -222,15 +216,7 @@ def test_a_guard_whose_shutdown_failed_is_not_current_any_more(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_report_summary_raises_once(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = ShutdownReport.summary
-    calls = [0]
-
-    def summary_once_failing(self: ShutdownReport) -> str:
-        calls[0] += 1
-        if calls[0] == 1:
-            raise Injected("summary failed")
-        return real(self)
-
+    summary_once_failing = fail_once(ShutdownReport.summary, "summary failed")
     monkeypatch.setattr(ShutdownReport, "summary", summary_once_failing)
     seen, report, took, escaped = run_scenario(backend, Faults())
     report = check_survived(seen, report, took, escaped)
