@@ -33,11 +33,12 @@ def effects_of(path: Path) -> set[str]:
         conn.close()
 
 
-def test_sigkill_soak_loses_no_acknowledged_task(tmp_path: Path) -> None:
-    """A bounded run of the soak: SIGKILLed at random moments, restarted."""
+def check_soak(tmp_path: Path, *args: str) -> None:
+    """Run ``benchmarks.durable_soak`` with ``args``: acknowledged tasks were
+    spawned, none lost, re-runs within their bound, no duplicate effect, an
+    empty journal at the end."""
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.durable_soak", "--cycles", "6", "--seed", "15",
-         "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.durable_soak", *args, "--workdir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -47,6 +48,11 @@ def test_sigkill_soak_loses_no_acknowledged_task(tmp_path: Path) -> None:
     assert result["duplicate_effects"] == 0, result
     assert result["left_in_journal"] == 0, result
     assert out.returncode == 0, result
+
+
+def test_sigkill_soak_loses_no_acknowledged_task(tmp_path: Path) -> None:
+    """A bounded run of the soak: SIGKILLed at random moments, restarted."""
+    check_soak(tmp_path, "--cycles", "6", "--seed", "15")
 
 
 def test_a_live_process_rescues_the_entries_of_a_killed_one_before_the_lease_expires(

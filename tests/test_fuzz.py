@@ -36,7 +36,8 @@ from taskguard import (
 
 # -- spawn -------------------------------------------------------------------------------
 
-FN_KINDS = [
+#: the kinds spawn accepts and runs
+RUNS = [
     "async_fn",
     "async_fn_raises",
     "lambda_coroutine",
@@ -44,6 +45,9 @@ FN_KINDS = [
     "bound_method",
     "async_callable",
     "coroutine",
+]
+FN_KINDS = [
+    *RUNS,
     "awaited_coroutine",
     "spawned_twice",
     "sync_fn",
@@ -56,15 +60,6 @@ FN_KINDS = [
     "evil",
     "none",
 ]
-RUNS = {
-    "async_fn",
-    "async_fn_raises",
-    "lambda_coroutine",
-    "partial",
-    "bound_method",
-    "async_callable",
-    "coroutine",
-}
 
 
 class _Job:

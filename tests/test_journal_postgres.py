@@ -7,9 +7,7 @@ with ``CI=true`` they fail.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +22,8 @@ from taskguard._journal import Batch, Entry, open_journal
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from test_durable_process import check_soak  # noqa: E402
 
 from benchmarks._pg import Cluster, find_bindir  # noqa: E402
 
@@ -173,14 +173,4 @@ async def test_claims_skip_locked_and_a_dead_sessions_entries_are_claimable_at_o
 def test_three_processes_sigkill_soak(pg: str, tmp_path: Path) -> None:
     """Three worker processes on one PostgreSQL journal, one SIGKILLed at random
     each cycle and restarted; the live ones rescue its entries."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.durable_soak", "--journal", pg, "--procs", "3",
-         "--cycles", "4", "--seed", "3", "--workdir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["acked"] > 0, out.stderr
-    assert result["lost"] == 0, result
-    assert result["reruns"] <= result["rerun_bound"], result
-    assert result["duplicate_effects"] == 0, result
-    assert result["left_in_journal"] == 0, result
+    check_soak(tmp_path, "--journal", pg, "--procs", "3", "--cycles", "4", "--seed", "3")
