@@ -221,7 +221,9 @@ async def test_entering_from_another_threads_event_loop_leaves_no_phantom_sectio
     # Finding 9: the entry raised an unclear error after counting the section,
     # which then kept shutdown waiting and was reported stuck.
     other = "trio" if anyio_backend_name == "asyncio" else "asyncio"
-    errors: list[BaseException] = []
+    # the messages only: a kept exception's traceback would hold this frame, and
+    # through it the guard, for as long as the worker thread keeps its last item
+    errors: list[str] = []
     guard = TaskGuard(exit_wait_timeout=2)
 
     async def enter_from_there() -> None:
@@ -229,12 +231,12 @@ async def test_entering_from_another_threads_event_loop_leaves_no_phantom_sectio
             async with guard.guarded("elsewhere"):
                 pass
         except RuntimeError as exc:
-            errors.append(exc)
+            errors.append(str(exc))
 
     async with guard:
         await anyio.to_thread.run_sync(lambda: anyio.run(enter_from_there, backend=other))
     assert len(errors) == 1
-    assert "thread" in str(errors[0])
+    assert "thread" in errors[0]
     report = guard.report
     assert report.guarded.stuck == 0
     assert report.clean
