@@ -66,7 +66,9 @@ async def main(args: argparse.Namespace) -> None:
         while args.spawn and guard.ready:
             key = f"{args.tag}-{i}"
             await work.spawn(i, random.uniform(0, args.hold), key=key)
-            print("ACK", key, flush=True)
+            # one write() per line: a kill cannot cut it between "ACK" and the key
+            sys.stdout.write(f"ACK {key}\n")
+            sys.stdout.flush()
             i += 1
             await anyio.sleep(random.uniform(0, args.pace))
         await guard.wait_for_shutdown()

@@ -37,6 +37,18 @@ from taskguard._journal import open_journal
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def ack_of(line: str) -> str | None:
+    """The key a worker's output line acknowledges, or None.
+
+    Only a whole line counts: a SIGKILL can land in the middle of one (an
+    unbuffered ``print`` writes each piece with its own ``write()``), and ``"ACK "``
+    cut before its key once counted as an acknowledged key ``""`` that was lost.
+    """
+    if line.startswith("ACK ") and line.endswith("\n") and len(line) > 5:
+        return line[4:-1]
+    return None
+
+
 class Worker:
     def __init__(
         self,
@@ -64,9 +76,12 @@ class Worker:
         if not spawn:
             cmd.append("--no-spawn")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env=env
-        )
+        # each worker's log (retries, dead letters, rescue errors) is kept beside
+        # the effects database: the first thing to read when a soak loses a task
+        with open(effects.parent / f"{tag}.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env
+            )
         self.acked: list[str] = []
         self.ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -75,8 +90,9 @@ class Worker:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            if line.startswith("ACK "):
-                self.acked.append(line[4:].strip())
+            key = ack_of(line)
+            if key is not None:
+                self.acked.append(key)
             elif line.startswith("READY"):
                 self.ready.set()
 
