@@ -50,6 +50,9 @@ class Lifespan:
         self.app_spoke = False
         self.app_done = anyio.Event()
         self.chain: SignalChain | None = None  # this lifespan's, if signals are chained
+        self.app_cancel = anyio.CancelScope()  # the app's lifespan call runs in it
+        #: the app's shutdown reply, sent to the server once everything else is done
+        self.last_word: Message | None = None
 
     async def run(self) -> None:
         self.mw._lifespans += 1
@@ -59,6 +62,11 @@ class Lifespan:
             self.mw._lifespans -= 1
             for stream in (self.to_app, self.app_in, self.app_out, self.from_app):
                 stream.close()
+        if self.last_word is not None:
+            # Nothing may be awaited after this send: hypercorn's asyncio worker
+            # cancels the lifespan task as soon as it has the shutdown reply and
+            # re-raises that CancelledError (a plain app has returned by then).
+            await self.send(self.last_word)
         if error is not None:  # raised here, not wrapped in the task group's ExceptionGroup
             raise error
 
@@ -103,9 +111,25 @@ class Lifespan:
                 _die(takeover)
             if reply is None and self.app_error is not None:
                 return self.app_error  # it crashed while the app ran: the server gets it now
-            await self.send(reply or {"type": "lifespan.shutdown.complete"})
-            await self.app_done.wait()
+            # The reply is the app's last word: it returns, then the server hears it.
+            await self._let_app_return()
+            self.last_word = reply or {"type": "lifespan.shutdown.complete"}
         return self.app_error
+
+    async def _let_app_return(self) -> None:
+        """Wait for the app's lifespan call to return after its shutdown reply; one
+        that goes on past ``cancel_grace`` is cancelled (the server is waiting)."""
+        grace = self.mw.guard.config.cancel_grace
+        with anyio.move_on_after(grace):
+            await self.app_done.wait()
+            return
+        logger.warning(
+            "the app's lifespan did not return within cancel_grace (%gs) after its "
+            "shutdown reply; cancelling it",
+            grace,
+        )
+        self.app_cancel.cancel()
+        await self.app_done.wait()
 
     async def _run_app(self) -> None:
         async def send(message: Message) -> None:
@@ -113,7 +137,8 @@ class Lifespan:
             await self.app_out.send(message)
 
         try:
-            await self.mw.app(self.scope, self.app_in.receive, send)
+            with self.app_cancel:
+                await self.mw.app(self.scope, self.app_in.receive, send)
         except Exception as exc:
             self.app_error = exc
             if self.app_spoke and self.mw.guard.state is State.RUNNING:
