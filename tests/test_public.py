@@ -40,3 +40,29 @@ def test_the_core_imports_no_integration_and_no_demo() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "[]"
+
+
+def test_no_module_outside_the_backends_branches_on_the_backend() -> None:
+    """The asyncio/trio differences live in ``taskguard/_backends/`` (one owner):
+    elsewhere nothing compares a backend's name, nor calls the running asyncio
+    loop's low-level API (``get_running_loop``, ``add_reader``). The gRPC modules
+    are exempt: grpc.aio runs on asyncio only, that is the framework, not a branch."""
+    import ast
+    from pathlib import Path
+
+    package = Path(taskguard.__file__).parent
+    exempt = {"_backends", "grpc.py", "_grpc_stream.py", "_grpc_health.py"}
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.parts[0] in exempt:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant) and c.value in ("asyncio", "trio")
+                for c in node.comparators
+            ):
+                found.append(f"{rel}:{node.lineno}: compares with a backend name")
+            if isinstance(node, ast.Attribute) and node.attr in ("get_running_loop", "add_reader"):
+                found.append(f"{rel}:{node.lineno}: asyncio's loop API ({node.attr})")
+    assert not found, "\n".join(found)

@@ -20,14 +20,22 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
 
 if TYPE_CHECKING:
     from .._handle import TaskHandle
 
-__all__ = ["Backend", "BackendName", "coroutine_stack", "current_backend", "run", "thread_stack"]
+__all__ = [
+    "Backend",
+    "BackendName",
+    "WakeupHold",
+    "coroutine_stack",
+    "current_backend",
+    "run",
+    "thread_stack",
+]
 
 BackendName = Literal["asyncio", "trio"]
 
@@ -92,6 +100,22 @@ class Backend(ABC):
     @abstractmethod
     def task_stack(self, task: object) -> str:
         """The await chain of a (suspended) task, outermost call first."""
+
+    def hold_exit_wakeups(self, signals: frozenset[int]) -> WakeupHold | None:
+        """Hold back the loop's own wake-up for ``signals`` until ``release()``, if the
+        loop learns of signals other than through Python-level handlers (asyncio's
+        ``add_signal_handler`` reads the wake-up fd); None when there is nothing to hold."""
+        return None
+
+
+class WakeupHold(Protocol):
+    """What :meth:`Backend.hold_exit_wakeups` returns."""
+
+    def release(self) -> None:
+        """Pass on what was held, and from now on at once."""
+
+    def close(self) -> None:
+        """Release, and give the wake-up fd back."""
 
 
 def current_backend() -> Backend:

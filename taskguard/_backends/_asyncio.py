@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._handle import CANCELLED, COMPLETED, FAILED, RUNNING
 from . import Backend, coroutine_stack
+from ._wakeup import WakeupRelay
 
 if TYPE_CHECKING:
     from .._handle import TaskHandle
@@ -68,6 +69,9 @@ class AsyncioBackend(Backend):
 
     def time(self) -> float:
         return self.loop.time()
+
+    def hold_exit_wakeups(self, signals: frozenset[int]) -> WakeupRelay | None:
+        return WakeupRelay.install(signals)
 
     def task_stack(self, task: object) -> str:
         if isinstance(task, asyncio.Task):
