@@ -14,11 +14,9 @@ is part of what they check.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from children import Child
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,68 +72,6 @@ class Release:
         return "released"
 
 
-class Proc:
-    """A real child process; stdout is read line by line on a thread."""
-
-    def __init__(self, popen: subprocess.Popen[str], stderr_path: Path) -> None:
-        self.popen = popen
-        self.stderr_path = stderr_path
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_line(self, prefix: str, timeout: float = 15.0) -> str:
-        """Wait for a stdout line starting with ``prefix``; fail with the output if none."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if line.startswith(prefix):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(
-                        f"no line {prefix!r} within {timeout}s; rc={self.popen.poll()}\n"
-                        f"stdout: {self.lines}\nstderr: {self.stderr()}"
-                    )
-                self._cond.wait(min(left, 0.1))
-
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        os.kill(self.popen.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"process still running after {timeout}s\nstdout: {self.lines}\n"
-                f"stderr: {self.stderr()}"
-            ) from None
-        self._reader.join(5)
-        return rc
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def report(self) -> dict[str, Any]:
-        """The JSON report the script printed as ``REPORT {...}``."""
-        line = self.wait_line("REPORT ", timeout=1)
-        return json.loads(line[len("REPORT ") :])  # type: ignore[no-any-return]
-
-
 @contextmanager
 def sigint_inherited_as_default() -> Iterator[None]:
     """Children started meanwhile get SIGINT's default action (Ctrl-C works in them).
@@ -156,31 +93,15 @@ def sigint_inherited_as_default() -> Iterator[None]:
 
 
 @contextmanager
-def run_script(tmp_path: Path, source: str, *args: str) -> Iterator[Proc]:
+def run_script(tmp_path: Path, source: str, *args: str) -> Iterator[Child]:
     """Start ``source`` (dedented) as a Python script; it is killed in any case at the end."""
     script = tmp_path / f"script_{time.monotonic_ns()}.py"
     script.write_text(textwrap.dedent(source))
-    stderr_path = script.with_suffix(".stderr")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if not k.startswith("TASKGUARD_")}
-    with stderr_path.open("w") as err:
-        popen = subprocess.Popen(
-            [sys.executable, str(script), *args],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
-    proc = Proc(popen, stderr_path)
-    try:
+    with Child([sys.executable, str(script), *args], cwd=tmp_path, env=env,
+               stderr=script.with_suffix(".stderr")) as proc:  # fmt: skip
         yield proc
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-        popen.wait(10)
-        if popen.stdout is not None:
-            popen.stdout.close()
 
 
 # The prelude of every subprocess script: prints the report as one JSON line and

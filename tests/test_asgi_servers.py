@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any, TypeAlias
 
 import httpx
 import pytest
+from servers import ServerProcess
 
 Start: TypeAlias = "Callable[[str], Server]"
 pytestmark = pytest.mark.slow  # real server processes (about 45 s for the file)
@@ -42,10 +40,9 @@ EXIT_STATUS = {
     "control": -signal.SIGTERM,
 }
 
-SERVE_SCRIPT = """
-import asyncio, sys
-from hypercorn.asyncio import serve
-from hypercorn.config import Config
+# hypercorn.asyncio.serve() of the example app (tests/servers.py's serve script
+# imports it): serve() installs no signal handlers, so the guard takes them.
+SERVE_APP = """
 import taskguard
 from taskguard.asgi import TaskGuardMiddleware
 from examples import fastapi_app as example
@@ -53,9 +50,6 @@ from examples import fastapi_app as example
 guard = taskguard.TaskGuard(example.guard.config, handle_signals=True)
 example.guard = guard
 app = TaskGuardMiddleware(example.api, guard, send_timeout=2.0, readiness_path="/healthz/ready")
-config = Config()
-config.bind = [sys.argv[1]]
-asyncio.run(serve(app, config, shutdown_trigger=guard.wait_for_intake_stop))
 """
 
 # The same signup route without taskguard: asyncio.create_task from the handler.
@@ -85,89 +79,25 @@ async def ready():
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Server(ServerProcess):
+    """The example app (``examples/fastapi_app.py``) under a real server, or with
+    mode "control" the same signup route without taskguard, under uvicorn."""
 
-
-def _ctrl_c_as_in_a_terminal() -> None:
-    """In the server process, give SIGINT its default action, as in a terminal.
-
-    A shell starts background jobs with SIGINT ignored, and children inherit
-    that: under a CI runner started in the background, Python would then leave
-    SIGINT ignored, trio would install no Ctrl-C handler, and the SIGINT test
-    would hang on the test environment, not on the server.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Server:
     def __init__(self, mode: str, tmp: Path) -> None:
         self.mode = mode
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.db = tmp / f"{mode}.sqlite3"
-        self.log = tmp / f"{mode}.log"
-        bind = f"127.0.0.1:{self.port}"
-        app = "examples.fastapi_app:app"
-        py = sys.executable
-        cmd = {
-            "uvicorn": [py, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)],
-            "hypercorn": [py, "-m", "hypercorn", "--workers", "0", "-b", bind, app],
-            "hypercorn-trio": [py, "-m", "hypercorn", "--workers", "0", "-k", "trio",
-                               "-b", bind, app],
-            "hypercorn-serve": [py, str(tmp / "serve_app.py"), bind],
-            "control": [py, "-m", "uvicorn", "control_app:app", "--app-dir", str(tmp),
-                        "--host", "127.0.0.1", "--port", str(self.port)],
-        }[mode]  # fmt: skip
+        kind, app = mode, "examples.fastapi_app:app"
         if mode == "hypercorn-serve":
-            (tmp / "serve_app.py").write_text(SERVE_SCRIPT)
+            (tmp / "serve_app.py").write_text(SERVE_APP)
+            app = "serve_app:app"
         if mode == "control":
             (tmp / "control_app.py").write_text(CONTROL_APP)
-        env = {
-            **os.environ,
-            "EXAMPLE_DB": str(self.db),
-            "EXAMPLE_SEND_TIMEOUT": "2",
-            "PYTHONPATH": str(ROOT),
-        }
-        self.logfile = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env=env,
-            stdout=self.logfile,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_ctrl_c_as_in_a_terminal,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(self.url + "/healthz/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"{self.mode} did not start:\n{self.output()}")
-
-    def output(self) -> str:
-        self.logfile.flush()
-        return self.log.read_text(errors="replace")
+            kind, app = "uvicorn", "control_app:app"
+        env = {"EXAMPLE_DB": str(self.db), "EXAMPLE_SEND_TIMEOUT": "2"}
+        super().__init__(kind, app, tmp, env=env)
 
     def term(self) -> float:
-        self.proc.send_signal(signal.SIGTERM)
-        return time.monotonic()
-
-    def wait_exit(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.mode} still running:\n{self.output()}") from None
+        return self.send_signal(signal.SIGTERM)
 
     def progress(self, key: str) -> dict[str, Any]:  # JSON values
         data = httpx.get(self.url + "/progress", timeout=5).json()
@@ -179,12 +109,6 @@ class Server:
     def guard_stats(self) -> dict[str, Any]:  # JSON values
         """``guard.stats()``: counted while serving /progress, itself a guarded section."""
         return dict(httpx.get(self.url + "/progress", timeout=5).json()["guard"])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.logfile.close()
 
 
 @pytest.fixture

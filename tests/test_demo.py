@@ -12,13 +12,13 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from children import Child
 
 pytest.importorskip("grpc")
 import grpc.aio
@@ -102,67 +102,38 @@ def test_demo_quick_skips_the_comparison(tmp_path: Path) -> None:
 # -- the example server as a real process ----------------------------------------
 
 
-class ServerProcess:
+class ServerProcess(Child):
+    """The example RPC server; it prints ``PORT <n>`` once it listens."""
+
     def __init__(self, data_dir: Path, *args: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        super().__init__(
             [sys.executable, str(EXAMPLES / "rpc_server.py"), "--data-dir", str(data_dir), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
             env=env,
         )
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self._port = threading.Event()
-        self.port = 0
-        self.threads = [
-            threading.Thread(target=self._read, args=(stream, into), daemon=True)
-            for stream, into in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr))
-        ]
-        for thread in self.threads:
-            thread.start()
-        if not self._port.wait(30):
-            self.close()
-            raise RuntimeError("the example server did not print its port:\n" + self.err())
-
-    def _read(self, stream: Any, into: list[str]) -> None:
-        for line in stream:
-            into.append(line.rstrip("\n"))
-            if line.startswith("PORT "):
-                self.port = int(line.split()[1])
-                self._port.set()
+        try:
+            self.port = int(self.wait_line("PORT ", timeout=30).split()[1])
+        except AssertionError:
+            self.stop()
+            raise
 
     def err(self) -> str:
-        return "\n".join(self.stderr[-40:])
+        return "\n".join(self.err_lines[-40:])
 
     def events(self, name: str) -> list[dict[str, Any]]:
-        lines = [json.loads(ln[6:]) for ln in list(self.stdout) if ln.startswith("EVENT ")]
+        lines = [json.loads(ln[6:]) for ln in list(self.lines) if ln.startswith("EVENT ")]
         return [e for e in lines if e["event"] == name]
 
-    def report(self) -> dict[str, Any]:
-        for line in self.stderr:
-            if line.startswith(REPORT_MARKER):
-                return dict(json.loads(line[len(REPORT_MARKER) :]))
-        raise AssertionError("no report from the server:\n" + self.err())
+    def report(self, marker: str = REPORT_MARKER, *, stderr: bool = True) -> dict[str, Any]:
+        return super().report(marker, stderr=stderr)
 
     def wait_exit(self, timeout: float) -> tuple[int, float]:
         start = time.monotonic()
-        code = self.proc.wait(timeout)
-        took = time.monotonic() - start
-        for thread in self.threads:  # they end at EOF: every line is in
-            thread.join(5)
-        return code, took
+        code = self.wait(timeout)
+        return code, time.monotonic() - start
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for thread in self.threads:
-            thread.join(5)
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self.stop()
 
 
 @pytest.fixture
@@ -193,7 +164,7 @@ async def test_sigterm_mid_watch_ends_stream_fast_and_server_exits(
         def on_message(message: dict[str, Any]) -> None:
             if message["seq"] == 10:
                 signalled.append(time.monotonic())
-                server.proc.send_signal(signal.SIGTERM)
+                server.signal(signal.SIGTERM)
 
         result = await watch(channel, 100, on_message=on_message)
     assert result.code == "UNAVAILABLE", server.err()
@@ -217,7 +188,7 @@ async def test_jobs_submitted_just_before_sigterm_all_finish(
     server = example_server()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         ids = [await submit(channel, i, seconds=1.5) for i in range(5)]
-    server.proc.send_signal(signal.SIGTERM)
+    server.signal(signal.SIGTERM)
     code, _ = await asyncio.to_thread(server.wait_exit, 15)
     assert code == 0, server.err()
     assert JobStore(tmp_path).finished_ids() == set(ids)
@@ -247,7 +218,7 @@ async def test_client_cancelling_a_watch_stops_the_producer(example_server: Any)
         await asyncio.sleep(0.3)
         assert server.events("watch_closed") == closed  # closed once
         assert closed[0]["produced"] < 20
-    server.proc.send_signal(signal.SIGTERM)
+    server.signal(signal.SIGTERM)
     code, _ = await asyncio.to_thread(server.wait_exit, 10)
     assert code == 0
     assert server.report()["streams"] == {"disconnected": 1}
@@ -258,10 +229,10 @@ async def test_second_sigterm_forces_exit(example_server: Any, tmp_path: Path) -
     server = example_server("--exit-wait", "30")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         await submit(channel, "slow", seconds=60)
-    server.proc.send_signal(signal.SIGTERM)
+    server.signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
-    assert server.proc.poll() is None  # draining: waiting for the 60 s job
-    server.proc.send_signal(signal.SIGTERM)
+    assert server.popen.poll() is None  # draining: waiting for the 60 s job
+    server.signal(signal.SIGTERM)
     code, took = await asyncio.to_thread(server.wait_exit, 10)
     assert took < 5, server.err()
     assert code == 1  # forced: the job was cut, the report is not clean

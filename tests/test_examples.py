@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from children import Child
 from helpers_reliability import sigint_inherited_as_default
 from servers import running_server
 
@@ -81,31 +81,16 @@ def test_fastapi_example_keeps_its_database_out_of_the_current_directory(
 
 def _quickstart(*signals: int) -> tuple[int, str]:
     """Run examples/quickstart.py, send ``signals`` once it runs; exit status and output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKGUARD_")}
     with sigint_inherited_as_default():
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "quickstart.py")],
-            cwd=ROOT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("TASKGUARD_")},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    try:
-        assert proc.stdout is not None
-        head = ""
-        while not head.endswith("running: press Ctrl-C\n"):
-            line = proc.stdout.readline()
-            assert line, f"quickstart.py ended before it ran:\n{head}"
-            head += line
+        child = Child([sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=ROOT,
+                      env=env, stderr="merge")  # fmt: skip
+    with child:
+        child.wait_for("running: press Ctrl-C", timeout=30)
         for sig in signals:
-            proc.send_signal(sig)
+            child.signal(sig)
             time.sleep(0.3)
-        out, _ = proc.communicate(timeout=30)
-        return proc.returncode, head + out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        return child.wait(30), child.output() + "\n"
 
 
 def test_quickstart_prints_the_summary_once_when_clean() -> None:

@@ -302,7 +302,7 @@ async def test_rpcs_are_served_through_drain_delay_then_refused(tmp_path: Path) 
             assert await hello(b"x", wait_for_ready=True, timeout=10) == b"x"
             assert await check(channel, "test.Hello") == SERVING
             signalled = time.monotonic()
-            proc.kill(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             calls: list[tuple[float, str]] = []  # (started, after the signal; outcome)
             checks: list[tuple[float, int]] = []
             while time.monotonic() - signalled < delay + 5:

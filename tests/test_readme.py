@@ -29,11 +29,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from helpers_reliability import Proc, sigint_inherited_as_default
+from children import Child
+from helpers_reliability import sigint_inherited_as_default
 from servers import free_port, require_program
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,36 +190,15 @@ class Shell:
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return proc
 
-    @contextmanager
-    def start(self, command: str) -> Iterator[Proc]:
-        """Start in the background (its own process group); killed at the end in any case."""
-        stderr = self.tmp / f"stderr-{time.monotonic_ns()}.txt"
-        with stderr.open("w") as err:
-            popen = subprocess.Popen(
-                ["bash", "-c", self.as_run(command)],
-                cwd=self.cwd,
-                env=user_env(
-                    TMPDIR=str(self.tmp), UVICORN_PORT=str(self.http_port), PYTHONUNBUFFERED="1"
-                ),
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                start_new_session=True,
-            )
-        proc = Proc(popen, stderr)
-        try:
-            yield proc
-        finally:
-            if popen.poll() is None:
-                os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait(10)
-            if popen.stdout is not None:
-                popen.stdout.close()
-
-
-def ctrl_c(proc: Proc, sig: int = signal.SIGINT) -> None:
-    """What a terminal does on Ctrl-C: the signal to the foreground process group."""
-    os.killpg(proc.popen.pid, sig)
+    def start(self, command: str) -> Child:
+        """Start in the background (its own process group); killed when its ``with`` ends."""
+        return Child(
+            ["bash", "-c", self.as_run(command)],
+            cwd=self.cwd,
+            env=user_env(TMPDIR=str(self.tmp), UVICORN_PORT=str(self.http_port)),
+            stderr=self.tmp / f"stderr-{time.monotonic_ns()}.txt",
+            new_session=True,
+        )
 
 
 def _ignore(_dir: str, names: list[str]) -> set[str]:
@@ -255,7 +234,7 @@ def test_quickstart(clone: Shell) -> None:
     for command in (QUICKSTART, TASKGUARD_RUN):
         with clone.start(command) as proc:
             proc.wait_line("running: press Ctrl-C", timeout=30)
-            ctrl_c(proc)
+            proc.signal_group()
             assert proc.wait(20) == 0, proc.stderr()
             assert "mail sent to ada" in proc.lines
             assert proc.stderr().count("taskguard shutdown clean") == 1, proc.stderr()
@@ -280,7 +259,7 @@ def test_fastapi_walkthrough(clone: Shell) -> None:
             stream.wait_line('{"i": 5}')
             events.wait_line("id: 5")
             assert "accepted" in clone.run(CURL_SIGNUP, timeout=10).stdout
-            ctrl_c(server)
+            server.signal_group()
             # aborted, as docs/asgi.md says: curl reports a partial body (exit 18)
             assert stream.wait(10) == 18, stream.lines
             assert len(stream.lines) < 100
@@ -311,7 +290,7 @@ def test_grpc_servers_stop_on_sigterm(clone: Shell) -> None:
     for command in (RPC_SERVER, RPC_SERVER_PLAIN):
         with clone.start(command) as server:
             server.wait_line("PORT ", timeout=30)
-            ctrl_c(server, signal.SIGTERM)
+            server.signal_group(signal.SIGTERM)
             assert server.wait(20) == 0, server.stderr()
 
 
@@ -323,14 +302,14 @@ def test_grpc_walkthrough(clone: Shell) -> None:
         assert len(ids) == 3, ids
         with clone.start(RPC_RESUME) as client:
             client.wait_line("message 20", timeout=30)
-            ctrl_c(server)  # Ctrl-C in the server's terminal...
+            server.signal_group()  # Ctrl-C in the server's terminal...
             assert server.wait(20) == 0, server.stderr()
             with clone.start(RPC_SERVER_PORT) as again:  # ...and start it again
                 again.wait_line("PORT ", timeout=30)
                 watched = clone.run(RPC_WATCH, timeout=60).stdout  # meanwhile, a plain watch
                 assert "status OK" in watched, watched
                 assert client.wait(60) == 0, client.stderr()
-                ctrl_c(again)
+                again.signal_group()
                 assert again.wait(20) == 0, again.stderr()
     seqs = [int(ln.split()[1]) for ln in client.lines if ln.startswith("message ")]
     assert seqs == list(range(100)), "every message once, in order, across the restart"

@@ -55,7 +55,7 @@ def test_task_swallowing_cancellation_forever_still_ends_the_process(
     with run_script(tmp_path, source, backend) as proc:
         proc.wait_line("READY")
         start = time.monotonic()
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         rc = proc.wait(0.5 + 0.5 + 2.0 + SLACK + 3)
         took = time.monotonic() - start
         err = proc.stderr()
@@ -157,9 +157,9 @@ def test_second_signal_during_before_drain_hook_forces_the_drain(
     with run_script(tmp_path, _HOOK_SCRIPT, backend, "before_drain") as proc:
         proc.wait_line("READY")
         start = time.monotonic()
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_line("IN_HOOK")
-        proc.kill(signal.SIGTERM)  # second: force
+        proc.signal(signal.SIGTERM)  # second: force
         rc = proc.wait(1.5 + 1 + SLACK + 3)
         took = time.monotonic() - start
         report = proc.report()
@@ -181,9 +181,9 @@ def test_second_signal_during_after_drain_hook_does_not_cut_it(
     source = _HOOK_SCRIPT.replace("await anyio.sleep(30)", "await anyio.sleep(0.2)")
     with run_script(tmp_path, source, backend, "after_drain") as proc:
         proc.wait_line("READY")
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_line("IN_HOOK")
-        proc.kill(signal.SIGTERM)  # second: the drain is over, nothing is left to force
+        proc.signal(signal.SIGTERM)  # second: the drain is over, nothing is left to force
         rc = proc.wait(1.5 + SLACK + 3)
         report = proc.report()
         assert rc == 0, proc.stderr()
@@ -200,7 +200,7 @@ def test_three_signals_in_quick_succession_end_the_process(tmp_path: Path, backe
         proc.wait_line("READY")
         start = time.monotonic()
         for _ in range(3):
-            proc.kill(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             time.sleep(0.02)
         rc = proc.wait(SLACK + 5)
         took = time.monotonic() - start
@@ -239,7 +239,7 @@ finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=0.5, cancel_grace=
     with run_script(tmp_path, source, backend) as proc:
         proc.wait_line("READY")
         start = time.monotonic()
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_line("IN_HOOK")
         rc = proc.wait(0.5 + 0.5 + 0.5 + 2 + SLACK + 3)
         took = time.monotonic() - start

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from children import Child
 
 import taskguard
 from taskguard import TaskGuard
@@ -27,79 +26,9 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
 """
 
 
-class Proc:
-    """A child process whose output lines are collected as they come."""
-
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.popen = subprocess.Popen(
-            args,
-            cwd=cwd,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.started = time.monotonic()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def wait_for(self, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.seen:
-                if text in line:
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{text!r} not seen in time; output:\n" + self.output())
-            try:
-                self.seen.append(self.lines.get(timeout=left))
-            except queue.Empty:
-                pass
-
-    def signal(self, sig: int = signal.SIGTERM) -> None:
-        self.popen.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        finally:
-            time.sleep(0.05)
-            self.output()
-
-    def output(self) -> str:
-        while True:
-            try:
-                self.seen.append(self.lines.get_nowait())
-            except queue.Empty:
-                return "\n".join(self.seen)
-
-    def sigterm_when_ready(self, timeout: float) -> tuple[int, str]:
-        """Wait for READY, send SIGTERM, wait for the exit: (status, output)."""
-        self.wait_for("READY")
-        self.signal(signal.SIGTERM)
-        status = self.wait(timeout=timeout)
-        return status, self.output()
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
+def _child(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Child:
+    """A script or command of these tests, stderr merged into its output lines."""
+    return Child(args, cwd=cwd, env={**os.environ, **(env or {})}, stderr="merge")
 
 
 def write(tmp_path: Path, name: str, body: str) -> Path:
@@ -129,7 +58,7 @@ sys.exit(0 if report.clean else 1)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_mid_work_finishes_guarded_work_and_exits_0(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "app.py", RUN_SCRIPT)
-    with Proc([sys.executable, str(script), backend, "1.0"], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend, "1.0"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -148,7 +77,7 @@ def test_sigterm_mid_work_finishes_guarded_work_and_exits_0(tmp_path: Path, back
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_sigterm_forces_a_quick_exit(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "app.py", RUN_SCRIPT)
-    with Proc([sys.executable, str(script), backend, "60"], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend, "60"], tmp_path) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         proc.wait_for("shutdown started")
@@ -187,7 +116,7 @@ sys.exit(0 if report.clean else 1)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_third_signal_ends_the_process_at_once(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    with Proc([sys.executable, str(script), backend, "30", "30"], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend, "30", "30"], tmp_path) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         proc.wait_for("shutdown started")
@@ -207,7 +136,7 @@ def test_hard_deadline_ends_a_trio_process_with_a_stuck_task(tmp_path: Path) -> 
     # On trio an abandoned task keeps trio.run from returning: only the hard
     # deadline (exit wait + cancel grace + hooks + 2 s slack) ends the process.
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    with Proc([sys.executable, str(script), "trio", "0.5", "0.5"], tmp_path) as proc:
+    with _child([sys.executable, str(script), "trio", "0.5", "0.5"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -224,7 +153,7 @@ def test_asyncio_run_is_bounded_with_a_stuck_task(tmp_path: Path) -> None:
     # On asyncio taskguard.run manages the loop's end itself: the stuck task is
     # left behind and run() returns its report.
     script = write(tmp_path, "stuck.py", STUCK_SCRIPT)
-    with Proc([sys.executable, str(script), "asyncio", "0.5", "0.5"], tmp_path) as proc:
+    with _child([sys.executable, str(script), "asyncio", "0.5", "0.5"], tmp_path) as proc:
         proc.wait_for("WORKING")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -251,7 +180,7 @@ async def serve(guard):
 def test_cli_run_module_function(tmp_path: Path, backend: str) -> None:
     write(tmp_path, "myservice.py", CLI_MODULE)
     args = [sys.executable, "-m", "taskguard", "run", "myservice:serve", "--backend", backend]
-    with Proc([*args, "--json"], tmp_path, env={"TASKGUARD_EXIT_WAIT_TIMEOUT": "20"}) as proc:
+    with _child([*args, "--json"], tmp_path, env={"TASKGUARD_EXIT_WAIT_TIMEOUT": "20"}) as proc:
         proc.wait_for("WORKING")
         proc.signal(signal.SIGTERM)
         status = proc.wait(timeout=20)
@@ -352,7 +281,7 @@ print("REPORT", report.trigger, report.clean, flush=True)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_signal_handlers_are_installed_before_main_runs(tmp_path: Path, backend: str) -> None:
     script = write(tmp_path, "early.py", EARLY_SIGNAL_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         status = proc.wait(timeout=30)
         out = proc.output()
         assert status == 0, out
@@ -402,7 +331,7 @@ def test_hard_deadline_counts_the_grace_each_stubborn_hook_gets(
     # then a grace before it is abandoned; the hard deadline must count that
     # too, or it ends the process before the last hooks ran.
     script = write(tmp_path, "hooks.py", STUBBORN_HOOKS_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         status, out = proc.sigterm_when_ready(timeout=30)
         assert status == 0, out
         assert "HOOKS 10" in out
@@ -437,7 +366,7 @@ def test_a_stuck_async_section_does_not_keep_the_watchdog_armed_after_run(
 ) -> None:
     # Finding 5 (asyncio: on trio an abandoned task keeps trio.run from returning).
     script = write(tmp_path, "after_run.py", STUCK_SECTION_AFTER_RUN)
-    with Proc([sys.executable, str(script)], tmp_path) as proc:
+    with _child([sys.executable, str(script)], tmp_path) as proc:
         status, out = proc.sigterm_when_ready(timeout=20)
         assert "RUN RETURNED False" in out
         assert "STILL ALIVE" in out, out
@@ -469,7 +398,7 @@ def test_third_signal_ends_the_process_while_the_loop_is_blocked(
     # Finding 6: signals are counted in the signal handler, not by a task of
     # the (blocked) event loop.
     script = write(tmp_path, "blocked.py", BLOCKED_HOOK_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         proc.signal(sig)
         proc.wait_for("HOOK BLOCKS")
@@ -501,7 +430,7 @@ def test_hard_deadline_is_armed_by_the_first_signal_even_if_the_loop_never_runs(
     tmp_path: Path, backend: str
 ) -> None:
     script = write(tmp_path, "blocked.py", BLOCKED_FROM_THE_START)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -539,7 +468,7 @@ def test_an_inner_signal_handling_guard_gives_the_signals_back(
     # Finding 7: when the inner guard closes, SIGTERM must reach the outer one
     # again (not the default action, which would kill the process mid-drain).
     script = write(tmp_path, "nested.py", NESTED_GUARD_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         status, out = proc.sigterm_when_ready(timeout=15)
         assert status == 0, out
         assert "DRAIN WORK DONE" in out
@@ -568,7 +497,7 @@ def test_a_hook_registering_itself_again_does_not_extend_the_shutdown(
     # Finding 8: registration is refused from the stopping phase on, and the
     # hard deadline never moves.
     script = write(tmp_path, "again.py", REREGISTERING_HOOK_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)
@@ -605,7 +534,7 @@ def test_to_thread_work_does_not_outlive_the_budget(tmp_path: Path, backend: str
     # on trio the task waiting for its thread cannot be cancelled, so it is
     # abandoned and (as any abandoned task on trio) keeps trio.run from returning.
     script = write(tmp_path, "thread.py", TO_THREAD_SCRIPT)
-    with Proc([sys.executable, str(script), backend], tmp_path) as proc:
+    with _child([sys.executable, str(script), backend], tmp_path) as proc:
         proc.wait_for("READY")
         sent = time.monotonic()
         proc.signal(signal.SIGTERM)

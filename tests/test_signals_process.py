@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_reliability import SCRIPT_PRELUDE, Proc, run_script
+from children import Child
+from helpers_reliability import SCRIPT_PRELUDE, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -114,17 +115,17 @@ finish(taskguard.run(main, backend=BACKEND, **config))
 )
 
 
-def start_blocked(proc: Proc, phase: str, sig: int) -> float:
+def start_blocked(proc: Child, phase: str, sig: int) -> float:
     """Bring the process to ``phase`` with its loop blocked; return when the first
     exit signal was sent (for "running" the loop is blocked before it)."""
     proc.wait_line("READY")
     if phase == "running":
         proc.wait_line("BLOCKED")
         first = time.monotonic()
-        proc.kill(sig)
+        proc.signal(sig)
         return first
     first = time.monotonic()
-    proc.kill(sig)
+    proc.signal(sig)
     proc.wait_line("BLOCKED", timeout=15)
     return first
 
@@ -150,7 +151,7 @@ def test_third_signal_ends_the_process_at_once_while_the_loop_is_blocked(
         start_blocked(proc, phase, sig)
         for _ in range(2):  # the second and the third
             time.sleep(0.05)
-            proc.kill(sig)
+            proc.signal(sig)
         third = time.monotonic()
         rc = proc.wait(SLACK + 2)
         took = time.monotonic() - third
@@ -182,7 +183,7 @@ def test_second_signal_while_the_loop_is_blocked_forces_the_drain(
     with run_script(tmp_path, BLOCKED_SCRIPT, *args) as proc:
         start_blocked(proc, phase, signal.SIGTERM)
         time.sleep(0.05)
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         second = time.monotonic()
         rc = proc.wait(BLOCK + SLACK + 5)
         took = time.monotonic() - second
@@ -210,7 +211,7 @@ def test_second_signal_while_an_after_drain_hook_blocks_changes_nothing(
     with run_script(tmp_path, BLOCKED_SCRIPT, *args) as proc:
         start_blocked(proc, "after_drain", signal.SIGTERM)
         time.sleep(0.05)
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         rc = proc.wait(BLOCK + 1 + SLACK + 5)
         report = proc.report()
         assert rc == 1, proc.stderr()  # the long work was cut at the 1 s exit wait

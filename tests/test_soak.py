@@ -15,13 +15,13 @@ import random
 import signal
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from children import Child
 from helpers_reliability import REPO
 
 ITERATIONS = 50
@@ -46,17 +46,10 @@ def _client(port: int, ids: list[int], acked: list[int], refused: list[int]) -> 
         return  # refused, reset or timed out: whatever was not acknowledged does not count
 
 
-def _start(db: Path, backend: str, err: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+def _start(db: Path, backend: str, err: Path) -> Child:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env = {k: v for k, v in env.items() if not k.startswith("TASKGUARD_")}
-    with err.open("a") as stderr:
-        return subprocess.Popen(
-            [sys.executable, str(APP), str(db), backend],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            env=env,
-        )
+    return Child([sys.executable, str(APP), str(db), backend], env=env, stderr=err)
 
 
 @pytest.mark.slow
@@ -72,12 +65,8 @@ def test_soak_sigterm_at_random_moments(tmp_path: Path) -> None:
     started = time.monotonic()
     for iteration in range(ITERATIONS):
         backend = ("asyncio", "trio")[iteration % 2]
-        proc = _start(db, backend, err)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.startswith("PORT "), (line, err.read_text())
-            port = int(line.split()[1])
+        with _start(db, backend, err) as proc:
+            port = int(proc.wait_line("PORT ", timeout=30).split()[1])
             threads = []
             for _ in range(CLIENTS):
                 ids = list(range(next_id, next_id + 10_000))
@@ -87,20 +76,14 @@ def test_soak_sigterm_at_random_moments(tmp_path: Path) -> None:
                 thread.start()
             time.sleep(rng.uniform(0.0, 0.4))
             before = len(acked)
-            proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             rc = proc.wait(5 + 1 + 2 + 10)  # exit wait + cancel grace + hard-deadline slack
             for thread in threads:
                 thread.join(10)
             exit_codes.append(rc)
-            assert rc == 0, (iteration, backend, rc, err.read_text()[-3000:])
-            assert proc.stdout.read().strip() == "CLEAN"
+            assert rc == 0, (iteration, backend, rc, proc.stderr()[-3000:])
+            assert proc.lines[1:] == ["CLEAN"]
             assert len(acked) >= before
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
         submitted.update(range(next_id - CLIENTS * 10_000, next_id))
     took = time.monotonic() - started
 
