@@ -37,7 +37,8 @@ from ._report import (
     StuckTask,
 )
 from ._runner import run
-from ._streams import GuardedStream, StreamOutcome, StreamResult
+from ._stream_registry import StreamOutcome, StreamResult
+from ._streams import GuardedStream
 
 if _typing.TYPE_CHECKING:  # durable: imported on first use (import taskguard stays as fast)
     from ._durable import DurableContext, DurableFunction, durable, durable_context

@@ -20,7 +20,8 @@ import anyio
 from ._asgi_stream import Pipe, close_connection
 from ._guarded import is_cancellation
 from ._report import State
-from ._streams import GuardedStream, StreamOutcome
+from ._stream_registry import StreamOutcome
+from ._streams import GuardedStream
 
 if TYPE_CHECKING:
     from ._guard import TaskGuard

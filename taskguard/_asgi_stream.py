@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._exceptions import StreamError
-from ._streams import StreamOutcome
+from ._stream_registry import StreamOutcome
 
 if TYPE_CHECKING:
     from ._asgi_http import Request

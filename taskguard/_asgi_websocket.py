@@ -26,7 +26,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._asgi_stream import close_transport
 from ._guarded import is_cancellation
 from ._report import State
-from ._streams import GuardedStream, StreamOutcome
+from ._stream_registry import StreamOutcome
+from ._streams import GuardedStream
 
 if TYPE_CHECKING:
     from .asgi import Message, Receive, Scope, Send, StreamControl, TaskGuardMiddleware

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ._inflight import InFlight
     from ._journal._manager import DurableManager
     from ._sections import Sections
-    from ._streams import Streams
+    from ._stream_registry import Streams
 
 __all__ = ["Run", "Shutdown", "record_fault", "safe_log"]
 

@@ -7,26 +7,23 @@ docs/streams.md for the one exception: a bare ``async for`` left by ``break``).
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
-import weakref
-from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
-from pydantic import BaseModel, ConfigDict
 
 from ._config import check_flag, check_name, check_seconds
 from ._exceptions import ConsumerDisconnected, ConsumerStalled, StreamError, StreamInterrupted
+from ._stream_registry import StreamOutcome, StreamResult
 
 if TYPE_CHECKING:
     from ._guard import TaskGuard
-    from ._inflight import InFlight
+    from ._stream_registry import Tracked
 
-__all__ = ["DISCONNECT_ERRORS", "GuardedStream", "StreamOutcome", "StreamResult", "Streams"]
+__all__ = ["DISCONNECT_ERRORS", "GuardedStream"]
 
 logger = logging.getLogger("taskguard")
 
@@ -43,112 +40,12 @@ DISCONNECT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class StreamOutcome(str, enum.Enum):
-    """How a stream ended. Compares equal to its value: ``outcome == "stalled"``."""
-
-    COMPLETED = "completed"  # the source was exhausted
-    INTERRUPTED = "interrupted"  # the guard shut down
-    DISCONNECTED = "disconnected"  # the consumer went away
-    STALLED = "stalled"  # a send took longer than send_timeout
-    EXPIRED = "expired"  # max_duration was reached
-    FAILED = "failed"  # the source (or the block) raised
-    STOPPED = "stopped"  # stop(), or the consumer stopped early (break, its own cancellation)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class StreamResult(BaseModel):
-    """How a stream ended and its resume point: ``sent`` items were delivered."""
-
-    model_config = ConfigDict(frozen=True, defer_build=True)  # built on first use, not at import
-
-    name: str
-    outcome: StreamOutcome
-    #: items delivered; a client resumes from item ``sent`` (0-based)
-    sent: int
-    duration: float
-    error: str | None = None
-
-
 _ERRORS: dict[StreamOutcome, type[StreamError]] = {
     StreamOutcome.INTERRUPTED: StreamInterrupted,
     StreamOutcome.DISCONNECTED: ConsumerDisconnected,
     StreamOutcome.STALLED: ConsumerStalled,
     StreamOutcome.EXPIRED: StreamError,
 }
-
-
-class _Tracked:
-    """The registry's weak handle on an open stream.
-
-    Weak, so a stream dropped without being closed (a bare ``async for`` left by
-    ``break``) is not kept alive, nor counted as open, until shutdown.
-    """
-
-    __slots__ = ("held", "ref")
-
-    def __init__(self, stream: GuardedStream[Any], streams: Streams) -> None:
-        self.held = False  # the drain waits for it to close
-        self.ref = weakref.ref(stream, lambda _: streams.release(self, StreamOutcome.STOPPED))
-
-    def interrupt(self) -> None:
-        stream = self.ref()
-        if stream is not None:
-            stream._interrupt()
-
-
-class Streams:
-    """The open streams of one guard run (held weakly), and how the others ended."""
-
-    __slots__ = ("_inflight", "ended", "fault", "held", "open", "outcomes")
-
-    def __init__(self, inflight: InFlight, fault: Callable[[str, BaseException], None]) -> None:
-        self._inflight = inflight
-        #: reports a fault of the bookkeeping (a source whose aclose() raised)
-        self.fault = fault
-        self.open: dict[_Tracked, None] = {}
-        #: streams ended from outside whose consumer still unwinds: the drain waits
-        self.held = 0
-        self.outcomes = Counter[str]()
-        #: set once the supervisor ended the open streams: later ones start ended
-        self.ended = False
-        inflight.watch(lambda: self.held > 0)
-
-    def track(self, stream: GuardedStream[Any]) -> _Tracked:
-        tracked = _Tracked(stream, self)
-        self.open[tracked] = None
-        return tracked
-
-    def hold(self, tracked: _Tracked) -> None:
-        """The stream was ended from outside while its consumer waits in it: the
-        drain waits for it to close, so the report counts its outcome."""
-        if not tracked.held and tracked in self.open:
-            tracked.held = True
-            self.held += 1
-
-    def release(self, tracked: _Tracked, outcome: StreamOutcome) -> None:
-        if self.open.pop(tracked, 0) is not None:
-            return  # already released
-        self.outcomes[outcome.value] += 1
-        if tracked.held:
-            tracked.held = False
-            self.held -= 1
-            if not self.held:
-                self._inflight.emptied()
-
-    def interrupt_all(self) -> None:
-        """End every open stream (the shutdown reached them)."""
-        self.ended = True
-        for tracked in list(self.open):
-            tracked.interrupt()
-
-    def report(self) -> dict[str, int]:
-        counts = dict(self.outcomes)
-        if self.open:
-            # still open: a consumer that ignored the cancellation (or never came back)
-            counts["open"] = len(self.open)
-        return counts
 
 
 class GuardedStream(Generic[T]):
@@ -204,7 +101,7 @@ class GuardedStream(Generic[T]):
         self.outcome: StreamOutcome | None = None
         self._source = source
         self._iterator: AsyncIterator[T] | None = None
-        self._tracked: _Tracked | None = None
+        self._tracked: Tracked | None = None
         self._unconfirmed = False  # an item was handed out and not yet confirmed
         self._body: anyio.CancelScope | None = None  # around the async-with block
         self._scope: anyio.CancelScope | None = None  # around our current await

@@ -36,7 +36,7 @@ from ._grpc_health import HEALTH_SERVICE, GuardHealthServicer
 from ._grpc_stream import StreamCall
 from ._guard import TaskGuard
 from ._report import State
-from ._streams import StreamOutcome
+from ._stream_registry import StreamOutcome
 
 __all__ = ["OUTCOME_KEY", "RESUME_KEY", "GuardHealthServicer", "GuardInterceptor", "serve"]
 

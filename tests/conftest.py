@@ -115,7 +115,8 @@ class _Tracker:
         self._undo: list[Callable[[], None]] = []
 
     def wrap(self, cls: type[Any]) -> None:
-        original = cls.__dict__["__init__"]
+        own = "__init__" in cls.__dict__  # TaskGuard inherits its __init__ (Lifecycle's)
+        original = cls.__init__
         refs = self.refs
 
         @functools.wraps(original)
@@ -124,7 +125,10 @@ class _Tracker:
             refs.append(weakref.ref(self))
 
         cls.__init__ = __init__
-        self._undo.append(lambda: setattr(cls, "__init__", original))
+        if own:
+            self._undo.append(lambda: setattr(cls, "__init__", original))
+        else:
+            self._undo.append(lambda: delattr(cls, "__init__"))
 
     def unwrap(self) -> None:
         while self._undo:

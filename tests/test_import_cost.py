@@ -15,9 +15,9 @@ import taskguard
 
 CHECK = """
 import taskguard
-from taskguard import _config, _report, _streams
+from taskguard import _config, _report, _stream_registry
 
-models = [_config.GroupConfig, _config.GuardConfig, _streams.StreamResult] + [
+models = [_config.GroupConfig, _config.GuardConfig, _stream_registry.StreamResult] + [
     m for m in vars(_report).values()
     if isinstance(m, type) and issubclass(m, _report._Model) and m is not _report._Model
 ]
