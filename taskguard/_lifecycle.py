@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 
 from . import _current
-from ._backends import Backend, current_backend
+from ._backends import Backend, WakeupHold, current_backend
 from ._config import GuardConfig, GuardOptions, check_flag, check_name
 from ._exceptions import NotStartedError, ShuttingDownError
 from ._groups import Groups
@@ -89,6 +89,7 @@ class Lifecycle:
         #: faults of this run's own bookkeeping, for report.errors (record_fault)
         self._errors: list[str] = []
         self._signals = ExitSignals(self._on_signal, self._arm_hard_deadline, self._left)
+        self._signal_wakeup: WakeupHold | None = None
 
     def __repr__(self) -> str:
         return f"<TaskGuard state={self._state.value} idle={self._inflight.idle()}>"
@@ -254,6 +255,8 @@ class Lifecycle:
             # The handlers are in place before the body (or run()'s main) starts.
             try:
                 self._signals.install(self.config.exit_signals)
+                # a signal the kernel hands to another thread must still wake the loop
+                self._signal_wakeup = backend.wake_on_signals()
             except (RuntimeError, ValueError, OSError) as exc:
                 self.shutdown(reason="signal handlers could not be installed")
                 await self.wait_closed()
@@ -293,6 +296,9 @@ class Lifecycle:
         if self._keeper is not None:
             self._keeper.close()
         self._signals.restore()
+        wakeup, self._signal_wakeup = self._signal_wakeup, None
+        if wakeup is not None:
+            wakeup.close()
         self._signals.detach()
         self._system_tasks.clear()
 

@@ -469,3 +469,26 @@ async def test_wait_for_intake_stop_returns_after_the_drain_delay() -> None:
     assert waited >= 0.3
     assert order[0] == "triggered"
     assert sorted(order[1:]) == ["before_drain hook", "intake stops, ready=False"]
+
+
+async def test_handling_signals_wakes_the_loop_through_a_wakeup_fd_given_back_at_close(
+    anyio_backend_name: str,
+) -> None:
+    """With ``handle_signals=True`` on asyncio the guard sets a wake-up fd (a signal
+    the kernel hands to another thread must still wake the idle loop: see
+    tests/test_signals_process.py); the one that was there is back after close."""
+    import signal
+
+    def current() -> int:
+        fd = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(fd)
+        return fd
+
+    before = current()
+    async with TaskGuard(handle_signals=True):
+        during = current()
+    assert current() == before
+    if anyio_backend_name == "asyncio":
+        assert during not in (-1, before)
+    else:  # trio's own is there already
+        assert during == before

@@ -241,3 +241,53 @@ def test_hard_deadline_holds_from_the_first_signal_even_if_the_loop_never_runs_a
         assert "hard deadline" in err
         assert "UNBLOCKED" not in proc.lines
         assert took < budget + SLACK, took
+
+
+# -- a signal the kernel hands to another thread -----------------------------------------------
+
+OTHER_THREAD_SCRIPT = (
+    SCRIPT_PRELUDE
+    + """
+import threading
+
+
+async def idle():
+    await anyio.sleep(60)  # the loop's only timer: it would wake for nothing else
+
+
+async def main(guard):
+    guard.spawn(idle, group="idle")
+    say("READY")
+
+    def raise_later():
+        # raise_signal() in a worker thread, while the loop idles: the C-level
+        # handler runs in this thread; Python runs the guard's handler only once
+        # the main thread executes bytecode again
+        time.sleep(0.5)
+        say("SENT", time.monotonic())
+        signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=raise_later, daemon=True).start()
+    await guard.wait_for_shutdown()
+    say("SHUTDOWN", time.monotonic())
+
+
+finish(taskguard.run(main, backend=BACKEND, exit_wait_timeout=1, cancel_grace=0.5,
+                     groups={"idle": {"on_shutdown": "cancel"}}))
+"""
+)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_signal_delivered_to_another_thread_wakes_the_idle_loop(
+    tmp_path: Path, backend: str
+) -> None:
+    """A process-directed signal may be delivered to any thread that does not
+    block it (the watchdog's, a worker's); there the C-level handler only sets a
+    flag. An idle event loop must still wake at once to run the guard's handler
+    (trio does it with its wake-up fd; on asyncio the guard sets one)."""
+    with run_script(tmp_path, OTHER_THREAD_SCRIPT, backend) as proc:
+        sent = float(proc.wait_line("SENT", timeout=15).split()[1])
+        seen = float(proc.wait_line("SHUTDOWN", timeout=30).split()[1])
+        assert proc.wait(15) == 0, proc.stderr()
+    assert seen - sent < 2.0, (seen - sent, proc.stderr())

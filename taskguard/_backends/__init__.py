@@ -107,6 +107,11 @@ class Backend(ABC):
         ``add_signal_handler`` reads the wake-up fd); None when there is nothing to hold."""
         return None
 
+    def wake_on_signals(self) -> WakeupHold | None:
+        """Make every signal wake the loop, if the loop does not already see them (the
+        guard's handlers are plain ``signal.signal`` ones); ``close()`` undoes it."""
+        return None
+
 
 class WakeupHold(Protocol):
     """What :meth:`Backend.hold_exit_wakeups` returns."""

@@ -73,6 +73,9 @@ class AsyncioBackend(Backend):
     def hold_exit_wakeups(self, signals: frozenset[int]) -> WakeupRelay | None:
         return WakeupRelay.install(signals)
 
+    def wake_on_signals(self) -> WakeupRelay | None:
+        return WakeupRelay.install(frozenset(), always=True)
+
     def task_stack(self, task: object) -> str:
         if isinstance(task, asyncio.Task):
             return coroutine_stack(task.get_coro())

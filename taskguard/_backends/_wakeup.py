@@ -1,4 +1,5 @@
-"""asyncio's signal wake-up fd, held back for exit signals until intake stops."""
+"""asyncio's signal wake-up fd: ours, so a signal wakes the loop; passed on to the
+one that was there (held back for exit signals until intake stops, if asked)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ __all__ = ["WakeupRelay"]
 
 
 class WakeupRelay:
-    """Holds back the wake-up bytes of exit signals until intake stops.
+    """Wakes the loop at every signal; passes the bytes on to the previous wake-up fd,
+    holding back those of ``hold`` until ``release()``.
 
-    asyncio's ``loop.add_signal_handler`` (hypercorn's asyncio worker) learns of
+    Why wake the loop: the kernel may hand a process-directed signal to any
+    thread that does not block it (the watchdog's, a worker's); there the
+    C-level handler only sets a flag, and Python runs the handler the guard
+    installed with ``signal.signal`` once the main thread executes bytecode
+    again: an idle asyncio loop would sleep through it until its next timer.
+    (trio always has a wake-up fd of its own.)
+
+    Why hold: asyncio's ``loop.add_signal_handler`` (hypercorn's asyncio worker) learns of
     a signal from the byte the C-level handler writes to the fd set with
     ``signal.set_wakeup_fd``, whatever Python-level handler runs. So we put a
     socket of ours there and pass the bytes on (the documented protocol: one
@@ -31,13 +40,14 @@ class WakeupRelay:
         self.loop.add_reader(reader.fileno(), self._read)
 
     @classmethod
-    def install(cls, hold: frozenset[int]) -> WakeupRelay | None:
-        """Relay the current wake-up fd, if there is one (else there is nothing to hold)."""
+    def install(cls, hold: frozenset[int], *, always: bool = False) -> WakeupRelay | None:
+        """Relay the current wake-up fd, if there is one; without one, None (nothing
+        to hold), unless ``always`` (the relay then only wakes the loop)."""
         reader, writer = socket.socketpair()
         reader.setblocking(False)
         writer.setblocking(False)
         target = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
-        if target == -1:
+        if target == -1 and not always:
             signal.set_wakeup_fd(-1)
             reader.close()
             writer.close()
@@ -64,6 +74,8 @@ class WakeupRelay:
             self._forward(data)
 
     def _forward(self, data: bytes) -> None:
+        if self.target == -1:
+            return  # nobody else listens: waking the loop was the point
         try:
             os.write(self.target, data)
         except OSError:  # full or closed: the loop would have lost it the same way
