@@ -296,7 +296,11 @@ def check_report(ex: Exercise, took: float) -> None:
     budget += ex.after_hooks * (HOOK_TIMEOUT + HOOK_GRACE)
     assert took < budget + SLACK, (took, budget)
     assert ex.witness is not None
-    assert ex.witness.state == ("cancelled" if ex.forced else "completed"), ex.witness
+    # drained to completion; a forced shutdown cuts it unless its 20 ms were over
+    # before the force landed (a loaded machine: seen once in CI)
+    assert ex.witness.state in (("cancelled", "completed") if ex.forced else ("completed",)), (
+        ex.witness
+    )
     unexpected = [e for e in report.errors if not e.startswith(tuple(ex.allowed_errors))]
     assert unexpected == [], report.errors
     assert report.stuck == []

@@ -180,18 +180,20 @@ def test_sigterm_cuts_streams_and_lets_requests_finish(
     # The plain stream is aborted: the client sees an incomplete chunked body.
     assert plain_end == "incomplete"
     assert 5 <= len(plain) < 100
-    assert plain_at - signalled < 1.0
+    # Generous bounds (a loaded 2-core machine): uncut, the streams would run ~9 s
+    # more and the exit wait is 10 s; what matters is that neither was waited for.
+    assert plain_at - signalled < 2.5
     # The SSE stream ends cleanly with the final event carrying the resume point.
     assert sse_end == "complete"
     assert sse[-2] == b"event: shutdown"
     resume = json.loads(sse[-1].removeprefix(b"data: "))["resume_after"]
     last_id = int([line for line in sse if line.startswith(b"id: ")][-1][4:])
     assert resume in (last_id, last_id + 1)  # at-least-once: the cut item may be in flight
-    assert sse_at - signalled < 1.0
+    assert sse_at - signalled < 2.5
     # The request in flight at the signal completes.
     assert slow.status_code == 200
     assert slow.json() == {"slept_ms": 800}
-    assert exited < 2.0, server.output()
+    assert exited < 5.0, server.output()
     assert status == EXIT_STATUS[mode], server.output()
     assert "background work already drained" in server.output()
 

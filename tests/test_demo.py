@@ -169,12 +169,14 @@ async def test_sigterm_mid_watch_ends_stream_fast_and_server_exits(
         result = await watch(channel, 100, on_message=on_message)
     assert result.code == "UNAVAILABLE", server.err()
     assert "shutting down" in result.details
-    assert result.ended_at - signalled[0] < 1.0
+    # generous bounds for a loaded machine: uncut, the watch runs ~9 s more and the
+    # exit wait is 10 s; neither was waited for
+    assert result.ended_at - signalled[0] < 2.5
     assert result.resume_from == len(result.seqs) == 11
     code, _ = await asyncio.to_thread(server.wait_exit, 10)
     exited = time.monotonic() - signalled[0]
     assert code == 0, server.err()
-    assert exited < 2.0, f"exit took {exited:.2f}s"
+    assert exited < 5.0, f"exit took {exited:.2f}s"
     report = server.report()
     assert report["clean"]
     assert report["streams"] == {"interrupted": 1}
