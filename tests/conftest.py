@@ -41,6 +41,9 @@ from helpers_reliability import LeakError  # noqa: E402
 
 from taskguard import TaskGuard, TaskHandle  # noqa: E402
 
+#: failure reports stay sendable between xdist processes (tests/report_text.py)
+pytest_plugins = ["report_text"]
+
 
 def _eager_loop() -> asyncio.AbstractEventLoop:
     """An event loop whose tasks run their first step inside ``create_task``
