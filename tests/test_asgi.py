@@ -360,6 +360,11 @@ async def test_stalled_client_is_cut_after_send_timeout() -> None:
     assert mw.guard.report.streams == {"stalled": 1}
 
 
+# Starlette does not aclose() the body iterator it was cut in: when the cut lands
+# while the generator waits at its yield (not in its sleep), it is finalized with its
+# last reference, and trio warns about every generator finalized that way (seen
+# once in CI under load). Its finally still runs: that is what the test checks.
+@pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning")
 async def test_streaming_response_of_starlette_under_shutdown() -> None:
     finally_ran = anyio.Event()
 
