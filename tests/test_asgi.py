@@ -169,6 +169,8 @@ async def test_request_cut_at_the_deadline_before_its_response_gets_503(
     assert not report.clean
 
 
+# the app's generator: see test_streaming_response_of_starlette_under_shutdown
+@pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning")
 async def test_a_request_the_server_cancels_mid_stream_ends_its_stream_and_helpers() -> None:
     # e.g. a server's own timeout, or a connection the server tore down: the
     # stream must not stay open (nor its pump and disconnect watcher run) until
