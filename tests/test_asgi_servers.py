@@ -188,7 +188,12 @@ def test_sigterm_cuts_streams_and_lets_requests_finish(
     assert sse[-2] == b"event: shutdown"
     resume = json.loads(sse[-1].removeprefix(b"data: "))["resume_after"]
     last_id = int([line for line in sse if line.startswith(b"id: ")][-1][4:])
-    assert resume in (last_id, last_id + 1)  # at-least-once: the cut item may be in flight
+    # At least once, never a skip: the resume point is the last item the client got,
+    # or the one before when that item was still in flight at the cut (delivered but
+    # not confirmed: hypercorn's trio worker sends from a task of its own). Seen once
+    # on Python 3.12: resume_after 4 with id 5 received (the bound had been
+    # last_id..last_id + 1, which would have let a skipped item pass).
+    assert last_id - 1 <= resume <= last_id, (resume, last_id)
     assert sse_at - signalled < 2.5
     # The request in flight at the signal completes.
     assert slow.status_code == 200
