@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from ._backends import WakeupHold
 from ._report import State
 
 if TYPE_CHECKING:
+    from ._backends import WakeupHold
     from ._guard import TaskGuard
     from .asgi import Receive, Scope, Send, TaskGuardMiddleware
 

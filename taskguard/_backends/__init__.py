@@ -114,7 +114,7 @@ class Backend(ABC):
 
 
 class WakeupHold(Protocol):
-    """What :meth:`Backend.hold_exit_wakeups` returns."""
+    """What :meth:`Backend.hold_exit_wakeups` and :meth:`Backend.wake_on_signals` return."""
 
     def release(self) -> None:
         """Pass on what was held, and from now on at once."""
